@@ -1,0 +1,105 @@
+"""Atomic checkpoints of everything a run needs to continue exactly.
+
+A checkpoint is written to a temporary file in the run directory, flushed to disk and
+renamed over its final name, so a crash mid-write leaves the previous checkpoints intact;
+the newest K are kept. Loading uses ``weights_only=True`` (the state holds only tensors and
+plain Python values) and falls back to the previous checkpoint, with a warning, when the
+newest one is truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssgan_dist.errors import SetupError
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class CheckpointMismatch(SetupError):
+    """A checkpoint made by a different model configuration."""
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"ckpt-{step:09d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run directory, oldest first (temporary files are ignored)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temp file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class CheckpointManager:
+    """Saves, prunes and finds the newest loadable checkpoint of one run directory."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        self.run_dir = Path(run_dir)
+        self.keep = keep
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = checkpoint_path(self.run_dir, step)
+        save_atomic(state, path)
+        for old in list_checkpoints(self.run_dir)[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that loads; broken ones are skipped with a warning."""
+        for path in reversed(list_checkpoints(self.run_dir)):
+            try:
+                return load(path, map_location), path
+            except Exception as exc:  # truncated zip, bad pickle, short read: all mean unusable
+                log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                            path, type(exc).__name__, exc)
+        return None
+
+
+def check_compatible(saved: dict[str, Any], expected: dict[str, Any], source: Path | str) -> None:
+    """Refuse a checkpoint whose model settings differ, naming every differing key."""
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}"
+        for k in sorted(set(saved) | set(expected))
+        if saved.get(k) != expected.get(k) and k != "sync_bn"
+    ]
+    if diffs:
+        raise CheckpointMismatch(
+            f"{source} was made with another model configuration: " + "; ".join(diffs)
+        )

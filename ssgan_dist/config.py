@@ -1,0 +1,317 @@
+"""One typed config for every part of ssgan-dist.
+
+A run is described by dataclasses; YAML presets shipped in ``ssgan_dist/configs`` and dotted
+``key=value`` overrides from the command line are merged onto them. Every value is checked
+against the field's type (and its allowed values) before any work starts, so a typo fails in
+the first second and names the key, not after an hour in a queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ssgan_dist.errors import SetupError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "demo"
+
+
+class ConfigError(SetupError):
+    """A config key or value that cannot be used; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"  # checkpoints, samples, resolved config and logs go here
+    seed: int = 0
+    name: str = "ssgan"  # the Prometheus `job` label and the log prefix
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 20  # label channels C, index 0 = no label
+    background_classes: list[int] = field(default_factory=lambda: [16, 17, 18, 19])
+    image_size: int = 256
+    ngf: int = 64
+    ndf: int = 64
+    spade_hidden: int = 128  # SPADE's shared conv width (hard-coded 128 in NVlabs SPADE)
+    z_dim: int = 256
+    use_z: bool = True  # z -> linear; false: downsampled label map -> conv (SPADE without VAE)
+    num_upsampling: Literal["normal", "more", "most"] = "normal"
+    spectral_norm: bool = True
+    sfm: bool = True  # false gives exactly the SPADE generator (the GauGAN baseline)
+    sfm_hidden: int = 32  # width of the SFM's F1 and F2 conv nets
+    sync_bn: bool = True  # synchronize the SPADE BatchNorm statistics across ranks
+    d_scales: int = 2
+    d_layers: int = 4
+
+
+@dataclass
+class LossConfig:
+    lambda_fm: float = 10.0
+    lambda_vgg: float = 10.0
+    vgg: bool = True  # false skips the perceptual loss (the demo does, and logs it)
+    vgg_weights: str = ""  # torchvision VGG19 state dict; empty: look in the torch hub cache
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 1  # per rank
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_checkpoint: bool = False
+    log_every: int = 10
+    sample_every: int = 100
+    threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # dir, brace pattern or comma list of .tar; empty: synthetic cache
+    loader: Literal["auto", "torch", "dali"] = "auto"
+    num_workers: int = 1
+    on_error: Literal["skip", "raise"] = "skip"
+    flip: bool = True
+    synthetic_count: int = 256  # samples generated for the embedded default
+    synthetic_per_shard: int = 64
+    cache_dir: str = ""  # where the embedded default's shards live; empty: ~/.cache/ssgan_dist
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    resume: bool = True  # continue from the newest checkpoint in run.dir
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = False
+    addr: str = "127.0.0.1"
+    port: int = 9400  # rank r serves on port + local rank
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_signature(self) -> dict[str, Any]:
+        """The settings that fix parameter shapes: a checkpoint must match them to load."""
+        return dataclasses.asdict(self.model)
+
+
+# ---------------------------------------------------------------------------------------
+# Type checking of single values
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: got {value!r}, allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: got {value!r}, expected {_type_name(tp)}")
+        (inner,) = get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: got {value!r}, expected an integer")
+    if tp is float:
+        # YAML reads 0 and 1e-4 differently; every float field accepts ints (Adam's betas
+        # must be Python floats, so they are converted here once).
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: got {value!r}, expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: got {value!r}, expected a string")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _section_fields(obj: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _resolved_hints(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(
+            f"{dotted}: keys are section.name; sections: {', '.join(_section_fields(cfg))}"
+        )
+    section_name, name = parts
+    sections = _section_fields(cfg)
+    if section_name not in sections:
+        raise ConfigError(f"{dotted}: unknown section {section_name!r}; sections: {', '.join(sections)}")
+    section = getattr(cfg, section_name)
+    names = _section_fields(section)
+    if name not in names:
+        raise ConfigError(
+            f"{dotted}: unknown key; keys of {section_name}: {', '.join(names)}"
+        )
+    setattr(section, name, _coerce(dotted, value, _resolved_hints(section)[name]))
+
+
+def _flatten(tree: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(tree).__name__}")
+    for section, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+# ---------------------------------------------------------------------------------------
+# Presets, overrides and validation
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {path}")
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(
+            f"--config: {name_or_path!r} is neither a file nor a preset; presets: {', '.join(preset_names())}"
+        )
+    return candidate
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``model.sfm=false`` -> ("model.sfm", False); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"{text!r}: overrides are key=value, e.g. train.max_steps=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key}: cannot read value {raw!r}: {exc}") from None
+    return key.strip(), value
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single field's type cannot express."""
+    m = cfg.model
+    n_up = {"normal": 5, "more": 6, "most": 7}[m.num_upsampling]
+    if m.image_size % (2**n_up) != 0:
+        raise ConfigError(
+            f"model.image_size: {m.image_size} is not a multiple of {2**n_up} "
+            f"(2^upsamplings for model.num_upsampling={m.num_upsampling})"
+        )
+    if m.num_classes < 2:
+        raise ConfigError("model.num_classes: at least 2 (0 = no label, plus one class)")
+    for c in m.background_classes:
+        if not 0 < c < m.num_classes:
+            raise ConfigError(
+                f"model.background_classes: {c} is outside 1..{m.num_classes - 1} (model.num_classes)"
+            )
+    positive = {
+        "model.ngf": m.ngf, "model.ndf": m.ndf, "model.spade_hidden": m.spade_hidden,
+        "model.z_dim": m.z_dim, "model.sfm_hidden": m.sfm_hidden, "model.d_scales": m.d_scales,
+        "model.d_layers": m.d_layers, "train.batch_size": cfg.train.batch_size,
+        "train.max_steps": cfg.train.max_steps, "train.log_every": cfg.train.log_every,
+        "train.sample_every": cfg.train.sample_every, "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep": cfg.checkpoint.keep, "data.synthetic_count": cfg.data.synthetic_count,
+        "data.synthetic_per_shard": cfg.data.synthetic_per_shard,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers: must be 0 or more, got {cfg.data.num_workers}")
+    if not 0 <= cfg.metrics.port < 65536:
+        raise ConfigError(f"metrics.port: {cfg.metrics.port} is not a TCP port")
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- preset YAML <- ``key=value`` overrides, then validated."""
+    cfg = Config()
+    path = _preset_path(preset or DEFAULT_PRESET)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for key, value in _flatten(tree, str(path)).items():
+        _set(cfg, key, value)
+    for text in overrides or []:
+        _set(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by ``to_dict`` (a checkpoint's or a run directory's)."""
+    cfg = Config()
+    for key, value in _flatten(tree, "saved config").items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

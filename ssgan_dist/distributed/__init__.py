@@ -1,0 +1,1 @@
+"""Launcher detection, process groups and the engines that wrap G and D."""

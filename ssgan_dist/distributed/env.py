@@ -1,0 +1,85 @@
+"""The one place that decides rank, device and backend for every launcher.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK (env://); a SLURM task started by srun or
+submitit has SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; a bare ``python -m`` has neither and
+runs as rank 0 of 1. All three end in the same process-group init: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    node: str
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or "localhost"
+    # "node[01-04],other" -> "node01": the first host of the allocation is the rendezvous.
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def _launcher_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun, SLURM, or a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env["RANK"], env["WORLD_SIZE"] = str(rank), str(world)
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        return rank, world, int(env["LOCAL_RANK"])
+    return 0, 1, 0
+
+
+def setup(timeout_s: float = 600.0) -> DistEnv:
+    """Detect the launcher, pick the device and initialise the process group once."""
+    rank, world, local_rank = _launcher_ranks()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistEnv(rank, world, local_rank, socket.gethostname(), device, backend)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

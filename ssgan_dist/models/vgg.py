@@ -1,0 +1,100 @@
+"""VGG19 features for the perceptual loss, loaded from a torchvision state dict.
+
+Pretrained weights cannot be downloaded on our machines, and torchvision is not a
+dependency: the layers are built here in torchvision's ``vgg19().features`` layout (so its
+``features.N.weight`` keys load directly) and the weights come from a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# torchvision's vgg19 `features` up to relu5_1: channel widths, "M" = 2x2 max-pool.
+_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512]
+# features indices of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
+OUTPUT_INDICES = (1, 6, 11, 20, 29)
+HUB_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's IMAGENET1K_V1 weights, as the hub caches them
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class VGGWeightsError(RuntimeError):
+    """VGG19 weights missing or not in torchvision's layout; the message says what to do."""
+
+
+def _build_features() -> nn.Sequential:
+    layers: list[nn.Module] = []
+    cin = 3
+    for item in _LAYOUT:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU()]
+            cin = item
+    return nn.Sequential(*layers)
+
+
+class VGG19Features(nn.Module):
+    """Frozen VGG19 trunk: image in [-1, 1] -> [relu1_1, relu2_1, relu3_1, relu4_1, relu5_1].
+
+    The input is mapped to [0, 1] and ImageNet-normalized here, because torchvision's weights
+    were trained on such inputs (NVlabs SPADE feeds [-1, 1] unnormalized; we do not).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.features = _build_features()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = ((x + 1) / 2 - self.mean) / self.std
+        outputs = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in OUTPUT_INDICES:
+                outputs.append(x)
+        return outputs
+
+
+def _candidates(path: str) -> list[Path]:
+    if path:
+        return [Path(path)]
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    others = sorted(p for p in checkpoints.glob("vgg19-*.pth") if p.name != HUB_FILE)
+    return [checkpoints / HUB_FILE, *others]
+
+
+def load_vgg19(path: str = "") -> VGG19Features:
+    """VGG19Features with weights from ``path``, or from the torch hub cache when empty."""
+    tried = _candidates(path)
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        where = "\n".join(f"  {p}" for p in tried)
+        if not path:
+            where += f"\n  {Path(torch.hub.get_dir()) / 'checkpoints' / 'vgg19-*.pth'}"
+        raise VGGWeightsError(
+            f"VGG19 weights for the perceptual loss not found; looked for:\n{where}\n"
+            "Set loss.vgg_weights=PATH to a torchvision vgg19 state dict "
+            f"({HUB_FILE}), or loss.vgg=false to skip the perceptual loss."
+        )
+    state = torch.load(found, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise VGGWeightsError(f"{found}: expected a state dict, got {type(state).__name__}")
+    model = VGG19Features()
+    own = model.state_dict()
+    for key, expected in own.items():
+        if key not in state:
+            raise VGGWeightsError(f"{found}: missing key {key} (torchvision vgg19 layout expected)")
+        if tuple(state[key].shape) != tuple(expected.shape):
+            raise VGGWeightsError(
+                f"{found}: key {key} has shape {tuple(state[key].shape)}, "
+                f"expected {tuple(expected.shape)}"
+            )
+    model.load_state_dict({key: state[key] for key in own})
+    return model

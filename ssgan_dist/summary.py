@@ -1,0 +1,84 @@
+"""Parameter counts and forward FLOPs of G and D for a config.
+
+    python -m ssgan_dist.summary [--config NAME|PATH] [key=value ...] [--json]
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2
+FLOPs) on the meta device, so nothing is computed or allocated and the 256x256 model is
+summarized in a second. They are per image: a batch of 2 divided by 2. G is one forward
+from M0 (and z); D is one forward on one image (concat(M0, image)), all scales.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssgan_dist.config import Config, ConfigError, ModelConfig, load_config
+from ssgan_dist.models import build_discriminator, build_generator
+
+BATCH = 2
+
+
+def _params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def _forward_flops(net: nn.Module, *inputs: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        net(*inputs)
+    return counter.get_total_flops()
+
+
+def count_flops(cfg: Config | ModelConfig) -> dict[str, dict[str, int]]:
+    """{"generator" | "discriminator" | "total": {"params": n, "flops": forward FLOPs per image}}."""
+    m = cfg.model if isinstance(cfg, Config) else cfg
+    with torch.device("meta"):
+        g, d = build_generator(m), build_discriminator(m)
+        m0 = torch.zeros(BATCH, m.num_classes, m.image_size, m.image_size)
+        image = torch.zeros(BATCH, 3, m.image_size, m.image_size)
+        g_flops = _forward_flops(g, m0) // BATCH
+        d_flops = _forward_flops(d, m0, image) // BATCH
+    result = {
+        "generator": {"params": _params(g), "flops": g_flops},
+        "discriminator": {"params": _params(d), "flops": d_flops},
+    }
+    result["total"] = {k: result["generator"][k] + result["discriminator"][k] for k in ("params", "flops")}
+    return result
+
+
+def format_table(cfg: Config, counts: dict[str, dict[str, int]]) -> str:
+    m = cfg.model
+    lines = [
+        f"image {m.image_size}x{m.image_size}, C={m.num_classes}, ngf={m.ngf}, ndf={m.ndf}, "
+        f"sfm={m.sfm}, use_z={m.use_z}, upsampling={m.num_upsampling}",
+        f"{'network':<14}{'params':>14}{'GFLOPs/image':>14}",
+    ]
+    for name, row in counts.items():
+        lines.append(f"{name:<14}{row['params']:>14,}{row['flops'] / 1e9:>14.3f}")
+    lines.append("GFLOPs: one forward pass per image, 1 multiply-add = 2 FLOPs")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ssgan_dist.summary", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=None, help="preset name or YAML path (default: demo)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. model.sfm=false")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = count_flops(cfg)
+    print(json.dumps(counts, indent=2) if args.json else format_table(cfg, counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

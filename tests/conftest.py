@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny model config and small synthetic shards written once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssgan_dist.config import Config, load_config
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+# A model small enough that a training step takes milliseconds on one core.
+TINY = [
+    "model.image_size=32", "model.ngf=4", "model.ndf=8", "model.spade_hidden=8",
+    "model.z_dim=16", "model.sfm_hidden=4", "train.batch_size=2", "train.progress=false",
+    "data.num_workers=0", "checkpoint.every=1000", "train.sample_every=1000", "train.log_every=1000",
+]
+
+
+def tiny_config(run_dir: Path, shards: Path | str, *extra: str) -> Config:
+    return load_config("demo", [*TINY, f"run.dir={run_dir}", f"data.shards={shards}", *extra])
+
+
+@pytest.fixture(scope="session")
+def shards32(tmp_path_factory) -> Path:
+    """24 synthetic 32px samples in 3 shards of 8."""
+    from ssgan_dist.data.writer import build_synthetic_shards
+
+    out = tmp_path_factory.mktemp("shards32")
+    build_synthetic_shards(out, count=24, samples_per_shard=8, size=32, seed=1, num_classes=20)
+    return out
