@@ -101,10 +101,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class EngineConfig:
+    name: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0, 1 or 2
+
+
+@dataclass
 class MetricsConfig:
     enabled: bool = False
     addr: str = "127.0.0.1"
     port: int = 9400  # rank r serves on port + local rank
+    file_sd: str = ""  # Prometheus file_sd JSON listing every rank's exporter; empty: none
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate FID/SSIM every N training steps; 0: never during training
+    shards: str = ""  # held-out shards; empty: no evaluation during training
+    inception_weights: str = ""  # pytorch-fid / torch-fidelity Inception weights file
+    max_samples: int = 0  # 0: every sample of eval.shards
+    batch_size: int = 8
 
 
 @dataclass
@@ -116,7 +132,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
