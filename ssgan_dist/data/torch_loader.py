@@ -45,27 +45,28 @@ class ShardSpecError(SetupError):
     """``data.shards`` names nothing readable."""
 
 
-def resolve_shards(spec: str) -> list[str]:
-    """A directory, a brace pattern ("a-{000000..000009}.tar"), a glob, or a comma list."""
+def resolve_shards(spec: str, option: str = "data.shards") -> list[str]:
+    """A directory, a brace pattern ("a-{000000..000009}.tar"), a glob, or a comma list;
+    ``option`` is the setting the spec came from, named in errors."""
     if not spec:
-        raise ShardSpecError("data.shards is empty: give a directory of .tar shards or a pattern")
+        raise ShardSpecError(f"{option} is empty: give a directory of .tar shards or a pattern")
     paths: list[str] = []
     for part in spec.split(","):
         part = part.strip()
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
-                raise ShardSpecError(f"data.shards: directory {part} holds no .tar shards")
+                raise ShardSpecError(f"{option}: directory {part} holds no .tar shards")
             paths += found
             continue
         for item in braceexpand.braceexpand(part):
             matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
             if not matches:
-                raise ShardSpecError(f"data.shards: {item} matches no file")
+                raise ShardSpecError(f"{option}: {item} matches no file")
             paths += matches
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise ShardSpecError(f"data.shards: no such shard {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise ShardSpecError(f"{option}: no such shard {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return paths
 
 
