@@ -9,3 +9,5 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
+# FID's InceptionV3; --no-deps: its torchvision dependency would replace the CPU torch and is unused here
+.venv/bin/python -m pip install --quiet --no-deps "torch-fidelity==0.4.0"

@@ -300,6 +300,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    e = cfg.eval
+    if e.batch_size < 1 or e.max_samples < 0 or e.every < 0:
+        raise ConfigError("eval.batch_size: at least 1; eval.max_samples and eval.every: 0 or more")
+    if e.every and not (e.shards and e.inception_weights):
+        raise ConfigError(f"eval.every={e.every} needs eval.shards (held-out shards) and eval.inception_weights "
+                          "(pt_inception-2015-12-05-6726825d.pth); eval.every=0 trains without evaluating")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers: must be 0 or more, got {cfg.data.num_workers}")
     if not 0 <= cfg.metrics.port < 65536:

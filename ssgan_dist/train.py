@@ -239,6 +239,12 @@ class Trainer:
                 self.save_samples(batch, out)
             if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
                 self.save_checkpoint()
+            if cfg.eval.every and self.step % cfg.eval.every == 0:
+                from ssgan_dist.evaluate import evaluate_generator  # Inception loads only for runs that evaluate
+                self.last_eval = evaluate_generator(self.G, cfg, self.env)
+                log.info("eval at step %d: FID %.3f  SSIM %.4f  (%d samples, %.1f s)", self.step,
+                         self.last_eval["fid"], self.last_eval["ssim"], self.last_eval["samples"],
+                         self.last_eval["seconds"])
             bar.update(1)
         bar.close()
         return losses

@@ -33,3 +33,14 @@ def shards32(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards32")
     build_synthetic_shards(out, count=24, samples_per_shard=8, size=32, seed=1, num_classes=20)
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, shards32) -> Path:
+    """A checkpoint of a real (2-step) tiny training run on shards32."""
+    from ssgan_dist.distributed.env import setup
+    from ssgan_dist.train import Trainer
+
+    run = tmp_path_factory.mktemp("trained")
+    Trainer(tiny_config(run, shards32, "train.max_steps=2"), setup()).fit()
+    return run / "ckpt-000000002.pt"

@@ -1,0 +1,78 @@
+"""Every sample of a shard set exactly once, in a fixed order: for evaluation and inference.
+
+The training loader is an endless, shuffled, flipped stream. A metric needs each held-out
+sample once, in the same order on every run, and split across ranks without padding, so
+here the tars are read in the order given and their samples in tar order; sample i belongs
+to rank ``i % world_size``. Every rank walks all tar members (cheap) but decodes only its
+own samples, so all ranks agree on the indices without talking to each other.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import Any, Iterator
+
+import torch
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from ssgan_dist.data.schema import BadSample, decode_sample
+
+
+class OrderedSamples:
+    """Iterates (index, decoded sample) of one rank's share; bad samples skipped or raised.
+
+    ``skipped`` collects the reasons of this rank's skipped samples (``on_error="skip"``).
+    """
+
+    def __init__(self, shards: list[str], *, num_classes: int, image_size: int, on_error: str = "raise",
+                 rank: int = 0, world_size: int = 1, max_samples: int = 0):
+        self.shards, self.num_classes, self.image_size = shards, num_classes, image_size
+        self.on_error, self.rank, self.world_size, self.max_samples = on_error, rank, world_size, max_samples
+        self.skipped: list[str] = []
+
+    def _raw(self) -> Iterator[tuple[str, dict[str, Any] | BadSample]]:
+        """(shard name, raw sample) in order; an unreadable tar yields one BadSample."""
+        for path in self.shards:
+            name = os.path.basename(path)
+            try:
+                with open(path, "rb") as stream:
+                    for raw in group_by_keys(tar_file_expander([{"url": path, "stream": stream}])):
+                        yield name, raw
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                yield name, BadSample(name, "<tar>", f"unreadable tar: {exc}")
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        for index, (name, raw) in enumerate(self._raw()):
+            if self.max_samples and index >= self.max_samples:
+                return
+            if index % self.world_size != self.rank:
+                continue
+            try:
+                if isinstance(raw, BadSample):
+                    raise raw
+                yield index, decode_sample(raw, shard=name, num_classes=self.num_classes,
+                                           image_size=self.image_size)
+            except BadSample as bad:
+                if self.on_error == "raise":
+                    raise
+                self.skipped.append(str(bad))
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        """Batches of up to ``batch_size``: {"index": list[int], "key", "sketch", "label", "image"}."""
+        items: list[tuple[int, dict[str, Any]]] = []
+        for item in self:
+            items.append(item)
+            if len(items) == batch_size:
+                yield _collate(items)
+                items = []
+        if items:
+            yield _collate(items)
+
+
+def _collate(items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    return {
+        "index": [i for i, _ in items],
+        "key": [s["key"] for _, s in items],
+        **{k: torch.stack([s[k] for _, s in items]) for k in ("sketch", "label", "image")},
+    }

@@ -1,0 +1,267 @@
+"""``python -m ssgan_dist.evaluate``: FID and SSIM of a checkpoint on held-out shards (Table 1).
+
+One image is generated for every sample of the shard set, with noise fixed by (seed, sample
+index), and compared with the sample's photo: FID over Inception pool3 features, SSIM on the
+images in [0, 1]. Under torchrun sample i is handled by rank i % world_size and the results
+are gathered in index order, so the numbers do not depend on the number of ranks. The real
+images' Inception statistics are cached (see ``fid.stats_key``). ``evaluate_generator`` is
+the same evaluation for a Trainer to call every ``eval.every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ssgan_dist.config import Config
+from ssgan_dist.data.ordered import OrderedSamples
+from ssgan_dist.data.schema import BadSample
+from ssgan_dist.data.torch_loader import resolve_shards
+from ssgan_dist.distributed.env import DistEnv, setup, teardown
+from ssgan_dist.errors import SetupError
+from ssgan_dist.fid import feature_stats, frechet_distance, load_stats, save_stats, stats_key
+from ssgan_dist.inception import NUM_FEATURES, file_sha256, load_inception
+from ssgan_dist.inference import load_generator, noise, run_generator, to_uint8
+from ssgan_dist.ssim import ssim
+
+log = logging.getLogger("ssgan_dist.evaluate")
+
+# The paper's Table 1 (SketchyCOCO scene level, 256x256).
+PAPER_ROWS = (("SSGAN (paper)", 123.8, 0.285), ("GauGAN-semantic sketch (paper)", 215.1, 0.285))
+
+
+class EvalError(SetupError):
+    """An evaluation that cannot run as asked; the message names the option or file."""
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate on; the option names are those the user set, for error messages."""
+
+    shards: str
+    inception_weights: str
+    max_samples: int = 0
+    batch_size: int = 8
+    seed: int = 0
+    cache_dir: Path | None = None  # None: <cache root>/fid-stats
+    on_error: str = "raise"
+    shards_option: str = "eval.shards"
+    weights_option: str = "eval.inception_weights"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "EvalSpec":
+        e = cfg.eval
+        return cls(e.shards, e.inception_weights, e.max_samples, e.batch_size, on_error=cfg.data.on_error)
+
+
+def default_cache_dir(cfg: Config) -> Path:
+    """Beside the synthetic shards: data.cache_dir, $SSGAN_CACHE or ~/.cache/ssgan_dist."""
+    root = cfg.data.cache_dir or os.environ.get("SSGAN_CACHE") or Path.home() / ".cache" / "ssgan_dist"
+    return Path(root) / "fid-stats"
+
+
+def _from_main(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """fn() run on rank 0, its value handed to every rank."""
+    value = [fn() if env.is_main else None]
+    if env.distributed:
+        dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def _gather(env: DistEnv, obj: Any) -> list[Any]:
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _features(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, NUM_FEATURES), np.float32)
+
+
+@torch.no_grad()
+def _local_pass(G: nn.Module, cfg: Config, env: DistEnv, spec: EvalSpec, reader: OrderedSamples,
+                inception: nn.Module, need_real: bool) -> dict[str, Any]:
+    """This rank's share: sample indices, generated (and real) features, per-image SSIM."""
+    out: dict[str, Any] = {"index": [], "fake": [], "real": [], "ssim": []}
+    m = cfg.model
+    try:
+        for batch in reader.batches(spec.batch_size):
+            fake, _ = run_generator(G, cfg, batch["label"], noise(cfg, spec.seed, batch["index"]))
+            real = batch["image"].to(env.device)
+            out["ssim"] += ssim(to_uint8(fake) / 255.0, to_uint8(real) / 255.0).tolist()
+            out["fake"].append(inception(fake).cpu().numpy())
+            if need_real:
+                out["real"].append(inception(real).cpu().numpy())
+            out["index"] += batch["index"]
+    except BadSample as bad:
+        raise EvalError(f"{spec.shards_option}: {bad} (this model takes {m.image_size}x{m.image_size} "
+                        f"samples with class indices below {m.num_classes})") from None
+    return {"index": out["index"], "fake": _features(out["fake"]), "real": _features(out["real"]),
+            "ssim": out["ssim"], "skipped": reader.skipped}
+
+
+def _combine(parts: list[dict[str, Any]], key: str) -> np.ndarray:
+    """One array of every rank's rows, in sample-index order."""
+    index = np.concatenate([np.asarray(p["index"], np.int64) for p in parts])
+    return np.concatenate([np.asarray(p[key]) for p in parts])[np.argsort(index, kind="stable")]
+
+
+def evaluate_generator(G: nn.Module, cfg: Config, env: DistEnv, spec: EvalSpec | None = None) -> dict[str, Any]:
+    """FID and mean SSIM of G on a shard set; call on every rank, every rank gets the result.
+
+    G is switched to eval mode for the pass and back to its previous mode after it.
+    """
+    spec = spec or EvalSpec.from_config(cfg)
+    t0 = time.perf_counter()
+    if not spec.shards:
+        raise EvalError(f"{spec.shards_option} is empty: give the held-out shards to evaluate on")
+    shards = resolve_shards(spec.shards, spec.shards_option)
+    inception = load_inception(spec.inception_weights, spec.weights_option).to(env.device)
+    cache_dir = spec.cache_dir or default_cache_dir(cfg)
+    key = stats_key(shards, file_sha256(spec.inception_weights), {
+        "max_samples": spec.max_samples, "image_size": cfg.model.image_size,
+        "num_classes": cfg.model.num_classes, "on_error": spec.on_error,
+    })
+    cached = _from_main(env, lambda: load_stats(cache_dir, key) is not None)
+    reader = OrderedSamples(shards, num_classes=cfg.model.num_classes, image_size=cfg.model.image_size,
+                            on_error=spec.on_error, rank=env.rank, world_size=env.world_size,
+                            max_samples=spec.max_samples)
+    was_training = G.training
+    G.eval()
+    try:
+        local = _local_pass(G, cfg, env, spec, reader, inception, need_real=not cached)
+    finally:
+        G.train(was_training)
+    parts = _gather(env, local)
+    skipped = [reason for p in parts for reason in p["skipped"]]
+    for reason in skipped[:5]:
+        log.warning("evaluation skipped a bad sample: %s", reason)
+
+    def summarize() -> dict[str, Any]:
+        fake = _combine(parts, "fake")
+        if len(fake) < 2:
+            first = f"; first skipped: {skipped[0]}" if skipped else ""
+            raise EvalError(f"{spec.shards_option}: {len(fake)} usable samples, FID needs at least 2{first}")
+        if cached:
+            mu_r, sigma_r, _ = load_stats(cache_dir, key)
+        else:
+            mu_r, sigma_r = feature_stats(_combine(parts, "real"))
+            save_stats(cache_dir, key, mu_r, sigma_r, len(fake))
+        mu_f, sigma_f = feature_stats(fake)
+        return {
+            "fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r),
+            "ssim": float(np.mean(_combine(parts, "ssim"))),
+            "samples": int(len(fake)),
+            "skipped": len(skipped),
+            "seed": spec.seed,
+            "real_stats_file": str(cache_dir / f"{key}.npz"),
+            "real_stats_cached": bool(cached),
+        }
+
+    result = _from_main(env, summarize)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def method_name(cfg: Config) -> str:
+    return "SSGAN" if cfg.model.sfm else "GauGAN-semantic sketch"
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """The paper's Table 1 layout: method | FID | SSIM, the paper's rows for reference."""
+    ours = f"{record['method']}, this checkpoint (step {record['step']})"
+    rows = [*PAPER_ROWS, (ours, record["fid"], record["ssim"])]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'method':<{width}}  {'FID':>8}  {'SSIM':>6}"]
+    lines += [f"{name:<{width}}  {fid:>8.1f}  {s:>6.3f}" for name, fid, s in rows]
+    lines.append(f"({record['samples']} samples at {record['image_size']} px; the paper: "
+                 "SketchyCOCO val, 256 px)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ssgan_dist.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="ckpt-*.pt, or a run directory (its newest checkpoint)")
+    p.add_argument("--shards", default="", help="held-out shards (dir, brace pattern, comma list); "
+                                                "default: the checkpoint's eval.shards")
+    p.add_argument("--inception-weights", default="", help="pt_inception-2015-12-05-6726825d.pth; "
+                                                           "default: the checkpoint's eval.inception_weights")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    p.add_argument("--batch-size", type=int, default=0, help="images per forward; default: eval.batch_size")
+    p.add_argument("--max-samples", type=int, default=-1, help="only the first N samples; 0: all; "
+                                                               "default: eval.max_samples")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (z of sample i depends on seed and i)")
+    p.add_argument("--cache-dir", default="", help="cache of real-image statistics; default: "
+                                                   "$SSGAN_CACHE/fid-stats or ~/.cache/ssgan_dist/fid-stats")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="a bad sample stops the evaluation (default) or is skipped and counted")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any] | None:
+    """Evaluate; the record (rank 0) or None (other ranks)."""
+    loaded = load_generator(Path(args.checkpoint), env.device)
+    cfg = loaded.cfg
+    spec = EvalSpec(
+        shards=args.shards or cfg.eval.shards,
+        inception_weights=args.inception_weights or cfg.eval.inception_weights,
+        max_samples=cfg.eval.max_samples if args.max_samples < 0 else args.max_samples,
+        batch_size=args.batch_size or cfg.eval.batch_size,
+        seed=args.seed,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        on_error=args.on_error,
+        shards_option="--shards", weights_option="--inception-weights",
+    )
+    if spec.batch_size < 1:
+        raise EvalError(f"--batch-size: must be at least 1, got {spec.batch_size}")
+    log.info("evaluating %s (step %d, %s) on %s, rank %d of %d", loaded.path, loaded.step, method_name(cfg),
+             spec.shards, env.rank, env.world_size)
+    result = evaluate_generator(loaded.G, cfg, env, spec)
+    if not env.is_main:
+        return None
+    record = {
+        "method": method_name(cfg), **result, "checkpoint": str(loaded.path), "step": loaded.step,
+        "config_hash": loaded.config_hash, "shards": spec.shards, "image_size": cfg.model.image_size,
+        "inception_weights": spec.inception_weights, "world_size": env.world_size,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = setup()
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
+    try:
+        record = run(args, env)
+    except SetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        teardown()
+    if record is not None:
+        print(format_table(record))
+        if args.out:
+            print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""A trained generator from a checkpoint, run deterministically: shared by evaluate and generate.
+
+The model is rebuilt from the config the checkpoint itself holds (never from a preset), so
+a checkpoint always gets the architecture it was trained with. G runs in eval mode: its
+BatchNorms use the running statistics, so an image does not depend on the other images of
+its batch, nor on how the inputs are split over ranks. Noise is a pure function of
+(seed, input index, style), for the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ssgan_dist import checkpoint as ckpt
+from ssgan_dist.config import Config, config_from_dict
+from ssgan_dist.data.schema import onehot
+from ssgan_dist.errors import SetupError
+from ssgan_dist.models import build_generator
+
+
+class CheckpointError(SetupError):
+    """A checkpoint that cannot be used for inference; the message names the path."""
+
+
+@dataclass
+class LoadedGenerator:
+    G: nn.Module
+    cfg: Config
+    step: int
+    path: Path
+    config_hash: str  # sha256 of the checkpoint's config, to tell runs apart in results
+
+
+def find_checkpoint(path: Path) -> Path:
+    """The checkpoint itself, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint: no such file or directory {path}")
+    found = ckpt.list_checkpoints(path) if path.is_dir() else []
+    return found[-1] if found else path
+
+
+def load_generator(path: Path, device: torch.device) -> LoadedGenerator:
+    """G in eval mode on ``device``, built from the checkpoint's own config."""
+    path = find_checkpoint(path)
+    try:
+        state = ckpt.load(path)
+    except Exception as exc:  # a truncated zip, a foreign pickle, a directory: all unusable
+        raise CheckpointError(f"--checkpoint: {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not {"config", "G", "step"} <= state.keys():
+        raise CheckpointError(f"--checkpoint: {path} is not an ssgan-dist checkpoint (no config, G and step)")
+    try:
+        cfg = config_from_dict(state["config"])
+    except SetupError as exc:
+        raise CheckpointError(f"--checkpoint: {path} holds a config this version cannot use: {exc}") from None
+    G = build_generator(cfg.model)
+    try:
+        G.load_state_dict(state["G"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"--checkpoint: {path}: G's weights do not fit its own config: {exc}") from None
+    digest = hashlib.sha256(json.dumps(state["config"], sort_keys=True).encode()).hexdigest()[:16]
+    return LoadedGenerator(G.to(device).eval(), cfg, int(state["step"]), path, digest)
+
+
+def noise(cfg: Config, seed: int, indices: list[int], style: int = 0) -> torch.Tensor | None:
+    """z for the given input indices: a pure function of (seed, index, style), made on the CPU
+    so that CPU and GPU runs draw the same values; None when the model takes no z."""
+    if not cfg.model.use_z:
+        return None
+    rows = [torch.randn(cfg.model.z_dim, generator=torch.Generator().manual_seed(
+        hash((seed, index, style)) & 0x7FFFFFFFFFFFFFFF)) for index in indices]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def run_generator(G: nn.Module, cfg: Config, label: torch.Tensor, z: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images in [-1, 1] for a [B,H,W] label batch, and the SFM's last learned mask m_i
+    ([B,C,h,w]; None without SFM)."""
+    device = next(G.parameters()).device
+    m0 = onehot(label.to(device), cfg.model.num_classes)
+    image, masks = G(m0, None if z is None else z.to(device), return_masks=True)
+    return image, (masks[-1] if masks else None)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 in [0, 255], rounded as grid.py writes PNGs (and the metrics see)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
