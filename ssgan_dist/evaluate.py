@@ -62,6 +62,7 @@ class EvalSpec:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "EvalSpec":
+        """The in-training evaluation: eval.*; bad samples follow data.on_error, as training does."""
         e = cfg.eval
         return cls(e.shards, e.inception_weights, e.max_samples, e.batch_size, on_error=cfg.data.on_error)
 

@@ -93,7 +93,7 @@ def single_input(args: argparse.Namespace, loaded: LoadedGenerator) -> dict:
         raise InputError(f"--sketch {args.sketch} and its label map are {label.shape[1]}x{label.shape[0]}, but "
                          f"--checkpoint {loaded.path} makes {size}x{size} images (model.image_size={size})")
     return {
-        "index": [0], "key": [Path(args.out).stem],
+        "index": [0],
         "sketch": torch.from_numpy(sketch).float().div(255.0)[None, None],
         "label": torch.from_numpy(label).long()[None],
     }
@@ -150,11 +150,11 @@ def generate(args: argparse.Namespace, loaded: LoadedGenerator) -> list[Path]:
     if args.shards:
         if out.exists() and not out.is_dir():
             raise InputError(f"--out: {out} is a file; with --shards it is the directory for the images")
-        batches, bases = set_inputs(args, loaded), lambda keys: [out / f"{key}.png" for key in keys]
+        batches, bases = set_inputs(args, loaded), lambda batch: [out / f"{key}.png" for key in batch["key"]]
     else:
         if out.suffix.lower() != ".png":
             raise InputError(f"--out: {out} must end in .png for one input")
-        batches, bases = iter([single_input(args, loaded)]), lambda keys: [out]
+        batches, bases = iter([single_input(args, loaded)]), lambda batch: [out]
     grid = GridRows(args.grid_rows)
     written: list[Path] = []
     for batch in batches:
@@ -163,7 +163,7 @@ def generate(args: argparse.Namespace, loaded: LoadedGenerator) -> list[Path]:
             fake, mask = run_generator(loaded.G, cfg, batch["label"], noise(cfg, args.seed, batch["index"], style))
             images = to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy()
             masks = mask_argmax(mask, cfg.model.image_size).cpu().numpy() if mask is not None else None
-            for i, base in enumerate(bases(batch["key"])):
+            for i, base in enumerate(bases(batch)):
                 path = output_path(base, style, k)
                 written.append(save_png(images[i], path))
                 if masks is not None:
