@@ -110,8 +110,10 @@ class EngineConfig:
 class MetricsConfig:
     enabled: bool = False
     addr: str = "127.0.0.1"
-    port: int = 9400  # rank r serves on port + local rank
-    file_sd: str = ""  # Prometheus file_sd JSON listing every rank's exporter; empty: none
+    port: int = 9400  # rank r serves on port + local rank; 0: each rank picks a free port (see file_sd)
+    file_sd: str = ""  # Prometheus file_sd JSON listing every rank's exporter (a dir: <dir>/<run.name>.json); empty: none
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: from telemetry's device table
+    linger_s: float = 0.0  # keep serving this long after the last step so the final values get scraped
 
 
 @dataclass
@@ -310,6 +312,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.num_workers: must be 0 or more, got {cfg.data.num_workers}")
     if not 0 <= cfg.metrics.port < 65536:
         raise ConfigError(f"metrics.port: {cfg.metrics.port} is not a TCP port")
+    if cfg.metrics.peak_flops < 0 or cfg.metrics.linger_s < 0:
+        raise ConfigError("metrics.peak_flops and metrics.linger_s: must be 0 or more")
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
