@@ -24,8 +24,9 @@ def _read_all(out, manifest) -> list[dict]:
 
 def test_synthetic_build_manifest_matches_data(tmp_path):
     m = build_synthetic_shards(tmp_path, count=10, samples_per_shard=4, size=SIZE, seed=5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temp files; DALI's index beside each tar
+        "manifest.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar",
+        "shard-000002.idx", "shard-000002.tar"]
     assert read_manifest(tmp_path) == m == json.loads((tmp_path / "manifest.json").read_text())
     assert (m["format"], m["version"], m["source"], m["resolution"], m["num_classes"]) == (
         "ssgan-dist-shards", 1, "synthetic", SIZE, 20)
@@ -83,7 +84,7 @@ def test_failed_write_leaves_no_temp_file_and_no_manifest(tmp_path):
     with pytest.raises(ValueError, match="k004: class 30 >= num_classes 20"):
         write_shards(_samples(6, bad_at=4), tmp_path, samples_per_shard=3, num_classes=20,
                      source="test", resolution=SIZE)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]  # the complete one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.idx", "shard-000000.tar"]  # the complete one
     with pytest.raises(ManifestError, match="no manifest"):
         read_manifest(tmp_path)
 
@@ -92,7 +93,8 @@ def test_rewrite_removes_stale_shards(tmp_path):
     build_synthetic_shards(tmp_path, count=6, samples_per_shard=2, size=SIZE, seed=0)
     (tmp_path / "other-000009.tar").write_bytes(b"")  # another name: left alone
     m = build_synthetic_shards(tmp_path, count=2, samples_per_shard=2, size=SIZE, seed=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "other-000009.tar", "shard-000000.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", "other-000009.tar", "shard-000000.idx", "shard-000000.tar"]
     assert m["samples"] == 2
 
 

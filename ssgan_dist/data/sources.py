@@ -13,9 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from ssgan_dist.config import Config, ConfigError
+from ssgan_dist.config import Config
+from ssgan_dist.data.dali_loader import DaliShardLoader, build_dali_loader, dali_available
 from ssgan_dist.data.torch_loader import TorchShardLoader, build_torch_loader, resolve_shards
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.distributed.env import DistEnv
@@ -57,16 +59,27 @@ def ensure_synthetic_shards(cfg: Config, env: DistEnv) -> Path:
     return out
 
 
-def training_loader(cfg: Config, env: DistEnv) -> TorchShardLoader:
+def choose_loader(choice: str, device: torch.device) -> tuple[str, str]:
+    """(loader, why) for ``data.loader``: auto takes DALI only when it is installed and the
+    run has a GPU (DALI on CPU works but is no faster than the torch loader there)."""
+    if choice != "auto":
+        return choice, f"data.loader={choice}"
+    if device.type == "cuda" and dali_available():
+        return "dali", "data.loader=auto: DALI installed and a GPU present"
+    return "torch", f"data.loader=auto: {'DALI not installed' if device.type == 'cuda' else 'no GPU'}"
+
+
+def training_loader(cfg: Config, env: DistEnv) -> TorchShardLoader | DaliShardLoader:
     """The batch iterator of this rank, chosen by ``data.loader``."""
     spec = cfg.data.shards or str(ensure_synthetic_shards(cfg, env))
-    if cfg.data.loader == "dali":
-        raise ConfigError("data.loader=dali: the DALI pipeline is not part of this build yet; use data.loader=torch")
     shards = resolve_shards(spec)
-    log.info("data: torch loader over %d shards (%s), %d workers", len(shards), spec, cfg.data.num_workers)
-    return build_torch_loader(
-        shards, seed=cfg.run.seed, rank=env.rank, world_size=env.world_size,
-        num_workers=cfg.data.num_workers, batch_size=cfg.train.batch_size,
-        num_classes=cfg.model.num_classes, image_size=cfg.model.image_size,
-        on_error=cfg.data.on_error, flip=cfg.data.flip, pin_memory=env.device.type == "cuda",
-    )
+    kind, why = choose_loader(cfg.data.loader, env.device)
+    common = dict(seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, num_workers=cfg.data.num_workers,
+                  batch_size=cfg.train.batch_size, num_classes=cfg.model.num_classes,
+                  image_size=cfg.model.image_size, on_error=cfg.data.on_error, flip=cfg.data.flip)
+    if kind == "dali":
+        log.info("data: DALI loader over %d shards (%s), %d threads, decoding on %s (%s)", len(shards), spec,
+                 max(cfg.data.num_workers, 1), "GPU" if env.device.type == "cuda" else "CPU", why)
+        return build_dali_loader(shards, **common, device=env.device)
+    log.info("data: torch loader over %d shards (%s), %d workers (%s)", len(shards), spec, cfg.data.num_workers, why)
+    return build_torch_loader(shards, **common, pin_memory=env.device.type == "cuda")

@@ -202,6 +202,9 @@ class TorchShardLoader:
         return {**self.position.state_dict(), "num_workers": max(self.spec.num_workers, 1)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("loader", "torch") != "torch":
+            raise SetupError(f"data.loader: the checkpoint's data position was saved by the {state['loader']} loader; "
+                             f"resume it with data.loader={state['loader']} (or start over with checkpoint.resume=false)")
         workers = max(self.spec.num_workers, 1)
         if int(state["num_workers"]) != workers:
             raise SetupError(
