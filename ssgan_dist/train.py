@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,9 @@ class Trainer:
         return save_png(grid, self.run_dir / "samples" / f"step-{self.step:09d}.png")
 
     # -- the loop --------------------------------------------------------------------
-    def fit(self) -> dict[str, float]:
+    def fit(self, stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
+        """Train to train.max_steps, or until ``stop_requested`` (asked after every step, on
+        every rank alike, so it may hold a collective) says to stop: then checkpoint and return."""
         cfg = self.cfg
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -245,6 +248,11 @@ class Trainer:
                 log.info("eval at step %d: FID %.3f  SSIM %.4f  (%d samples, %.1f s)", self.step,
                          self.last_eval["fid"], self.last_eval["ssim"], self.last_eval["samples"],
                          self.last_eval["seconds"])
+            if self.step < cfg.train.max_steps and stop_requested is not None and stop_requested():
+                if self.step % cfg.checkpoint.every:
+                    self.save_checkpoint()
+                log.info("stop requested: leaving at step %d, the next start resumes there", self.step)
+                break
             bar.update(1)
         bar.close()
         return losses
@@ -270,6 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    return run(cfg)
+
+
+def run(cfg: Config, stop_requested: Callable[[], bool] | None = None) -> int:
+    """Train ``cfg`` as this process's rank (torchrun, SLURM or alone): 0 when done or
+    stopped on request, 2 on a setup error. Launchers that stop runs early (SLURM
+    preemption) pass ``stop_requested``, see Trainer.fit."""
     env = setup()
     try:
         configure_logging(Path(cfg.run.dir), env)
@@ -277,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.train.threads)
         log.info("rank %d of %d on %s (%s, %s)", env.rank, env.world_size, env.node, env.device, env.backend)
         trainer = Trainer(cfg, env)
-        trainer.fit()
+        trainer.fit(stop_requested)
         if env.is_main:
             last = ckpt.list_checkpoints(trainer.run_dir)
-            log.info("done at step %d; checkpoint: %s; samples: %s", trainer.step,
+            log.info("%s at step %d; checkpoint: %s; samples: %s",
+                     "done" if trainer.step >= cfg.train.max_steps else "stopped", trainer.step,
                      last[-1] if last else "none", trainer.run_dir / "samples")
     except SetupError as exc:
         log.error("%s", exc)

@@ -44,6 +44,14 @@ def _slurm_master_addr() -> str:
     return head
 
 
+def slurm_master_port(job_id: str) -> int:
+    """The rendezvous port every task of a SLURM job derives alike from its id (20000..39999).
+
+    A requeued job keeps its id, hence its port: the previous run's processes are gone by then.
+    """
+    return 20000 + int(job_id.split("_")[0]) % 20000
+
+
 def _launcher_ranks() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun, SLURM, or a single process."""
     env = os.environ
@@ -52,7 +60,7 @@ def _launcher_ranks() -> tuple[int, int, int]:
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(slurm_master_port(env.get("SLURM_JOB_ID", "0"))))
         env["RANK"], env["WORLD_SIZE"] = str(rank), str(world)
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         return rank, world, int(env["LOCAL_RANK"])

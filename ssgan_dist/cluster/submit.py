@@ -1,0 +1,227 @@
+"""``python cluster/submit.py --config NAME|PATH [key=value ...]``: train on SLURM through submitit.
+
+The config is resolved and validated here, before anything is queued: a bad key fails in
+the first second with the same message as ``python -m ssgan_dist.train``, not after hours
+in a queue. The resolved config travels inside the job, so editing a preset later changes
+neither a queued job nor its requeues. One SLURM task per rank (one per GPU); the job
+checkpoints and requeues itself on time limit and preemption (see ``job.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssgan_dist import checkpoint as ckpt
+from ssgan_dist.config import Config, ConfigError, load_config
+
+# SIGTERM this many seconds before the time limit: enough to finish the current step and
+# write G, D and both Adam states of the 256 px model before SLURM's SIGKILL.
+SIGNAL_LEAD_S = 120
+# SLURM job states from which the job still goes on (PREEMPTED: requeued next, under
+# PreemptMode=REQUEUE), plus ours for a controller that does not answer for a moment.
+ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
+                 "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED", "UNREACHABLE"}
+MONITORING_TARGETS = Path(__file__).resolve().parents[2] / "monitoring" / "prometheus" / "targets"
+
+
+class SubmitError(Exception):
+    """Something about the submission (not the config) that stops it; exit code 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python cluster/submit.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=None, help="preset name (ssgan_dist/configs) or YAML path; default: demo")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for ssgan_dist.train")
+    p.add_argument("--nodes", type=_positive, default=1)
+    p.add_argument("--gpus-per-node", type=_non_negative, default=0, help="0: a CPU job (gloo)")
+    p.add_argument("--tasks-per-node", type=_positive, default=None,
+                   help="ranks per node; default: one per GPU, 1 for a CPU job")
+    p.add_argument("--cpus-per-task", type=_positive, default=None,
+                   help="default: data.num_workers + 1 (the loader workers plus the rank itself)")
+    p.add_argument("--mem", default=None, help="memory per node as sbatch takes it, e.g. 64G; default: the partition's")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--constraint", default=None)
+    p.add_argument("--time", type=_positive, default=None, metavar="MINUTES",
+                   help="time limit of one run (a requeue starts a new one); default: the partition's")
+    p.add_argument("--job-name", default=None, help="default: run.name")
+    p.add_argument("--run-dir", default=None, help="sets run.dir (made absolute); job logs go to RUN_DIR/slurm/")
+    p.add_argument("--max-requeues", type=_non_negative, default=10,
+                   help="the job requeues itself after a time limit or preemption at most this many times")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 if training finished")
+    return p.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """The run's config as the job will see it: run.dir absolute (the job's working directory
+    is not ours to rely on), and with metrics on, file_sd defaulting to monitoring's targets dir."""
+    overrides = list(args.overrides)
+    if args.run_dir is not None:
+        overrides.append(f"run.dir={args.run_dir}")
+    cfg = load_config(args.config, overrides)
+    cfg.run.dir = str(Path(cfg.run.dir).resolve())
+    if cfg.metrics.enabled and not cfg.metrics.file_sd and MONITORING_TARGETS.is_dir():
+        cfg.metrics.file_sd = f"{MONITORING_TARGETS}/"
+    return cfg
+
+
+@dataclass(frozen=True)
+class Submission:
+    folder: Path  # submitit's pickles and the per-task logs
+    parameters: dict[str, Any]  # submitit SlurmExecutor parameters
+    max_requeues: int
+
+    @property
+    def tasks(self) -> int:
+        return self.parameters["nodes"] * self.parameters["ntasks_per_node"]
+
+
+def plan(args: argparse.Namespace, cfg: Config) -> Submission:
+    tasks_per_node = args.tasks_per_node or args.gpus_per_node or 1
+    params: dict[str, Any] = {
+        "job_name": args.job_name or cfg.run.name,
+        "nodes": args.nodes,
+        "ntasks_per_node": tasks_per_node,
+        "cpus_per_task": args.cpus_per_task or cfg.data.num_workers + 1,
+        # submitit's handler must own SIGTERM: preemption and scontrol requeue send it, and
+        # the time-limit warning (submitit's USR2 by default) is made SIGTERM too, so one
+        # handler serves all three.
+        "setup": ["export SUBMITIT_PREEMPT_SIGNAL=TERM"],
+        "additional_parameters": {"signal": f"TERM@{SIGNAL_LEAD_S}", "requeue": True},
+    }
+    optional = {"gpus_per_node": args.gpus_per_node or None, "mem": args.mem, "partition": args.partition,
+                "account": args.account, "qos": args.qos, "constraint": args.constraint, "time": args.time}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return Submission(Path(cfg.run.dir) / "slurm", params, args.max_requeues)
+
+
+def executor(sub: Submission) -> Any:
+    try:
+        import submitit
+    except ImportError:
+        raise SubmitError("submitit is not installed: pip install 'ssgan-dist[cluster]' (or pip install submitit)") from None
+    try:
+        ex = submitit.SlurmExecutor(folder=sub.folder, max_num_timeout=sub.max_requeues)
+    except RuntimeError as exc:  # no srun on PATH
+        raise SubmitError(f"no SLURM here: {exc}") from None
+    ex.update_parameters(**sub.parameters)
+    return ex
+
+
+def sbatch_script(sub: Submission) -> str:
+    """Exactly the script submitit would hand to sbatch (its private helpers, pinned in pyproject)."""
+    ex = executor(sub)
+    return ex._make_submission_file_text(ex._submitit_command_str, uid="dry-run")
+
+
+def submit(sub: Submission, cfg: Config) -> Any:
+    from ssgan_dist.cluster.job import TrainingJob
+
+    sub.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return executor(sub).submit(TrainingJob(cfg.to_dict(), sub.max_requeues))
+    except subprocess.CalledProcessError as exc:  # sbatch refused (unknown partition, account, ...)
+        detail = (exc.stderr or exc.output or b"").decode(errors="replace").strip()
+        raise SubmitError(f"sbatch refused the job: {detail or exc}") from None
+
+
+def job_state(job_id: str) -> str:
+    """The job's SLURM state; "" once the controller has forgotten it, UNREACHABLE when squeue fails."""
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return "" if "Invalid job id" in r.stderr else "UNREACHABLE"
+    states = r.stdout.split()
+    return states[0] if states else ""
+
+
+def wait(job: Any, sub: Submission, poll_s: float = 2.0) -> int:
+    """Follow the job through requeues until SLURM is done with it; 0 if every task succeeded.
+
+    squeue, not submitit's watcher: that one needs sacct (slurmdbd), and without it never
+    sees a job that died before writing its result.
+    """
+    last = None
+    while True:
+        state = job_state(job.job_id)
+        if state != last:
+            print(f"{time.strftime('%H:%M:%S')} job {job.job_id}: {state or 'left the queue'}", flush=True)
+            last = state
+        if state not in ACTIVE_STATES:
+            break
+        time.sleep(poll_s)
+    from submitit.core.utils import pickle_load
+
+    failures = []
+    for task in range(sub.tasks):
+        paths = job.task(task).paths
+        if not paths.result_pickle.exists():
+            failures.append(f"task {task}: no result (it left for a requeue or was killed); see {paths.stderr}")
+            continue
+        outcome, value = pickle_load(paths.result_pickle)  # ("success", result) or ("error", traceback text)
+        if outcome != "success":
+            failures.append(f"task {task}: {value.strip().splitlines()[-1]}; see {paths.stderr}")
+    for line in failures:
+        print(line, file=sys.stderr)
+    return 1 if failures else 0
+
+
+def describe(job: Any, sub: Submission, cfg: Config) -> str:
+    logs = sub.folder / f"{job.job_id}_<task>_log.{{out,err}}"
+    return "\n".join([
+        f"submitted job {job.job_id}: {sub.tasks} task(s) on {sub.parameters['nodes']} node(s)",
+        f"run dir:   {cfg.run.dir}",
+        f"train log: {Path(cfg.run.dir) / 'train.log'}",
+        f"task logs: {logs}",
+        f"follow:    tail -F {job.paths.stderr}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    sub = plan(args, cfg)
+    try:
+        if args.dry_run:
+            print(sbatch_script(sub), end="")
+            return 0
+        job = submit(sub, cfg)
+    except SubmitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(job, sub, cfg), flush=True)
+    if not args.wait:
+        return 0
+    code = wait(job, sub)
+    last = ckpt.list_checkpoints(Path(cfg.run.dir))
+    print(f"newest checkpoint: {last[-1] if last else 'none'}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
