@@ -1,10 +1,12 @@
 """Atomic checkpoints of everything a run needs to continue exactly.
 
-A checkpoint is written to a temporary file in the run directory, flushed to disk and
-renamed over its final name, so a crash mid-write leaves the previous checkpoints intact;
-the newest K are kept. Loading uses ``weights_only=True`` (the state holds only tensors and
-plain Python values) and falls back to the previous checkpoint, with a warning, when the
-newest one is truncated or corrupt.
+A checkpoint is ``ckpt-<step>.pt``, written by rank 0 to a temporary file in the run
+directory, flushed to disk and renamed over its final name; or, for an engine whose state
+is sharded over ranks (DeepSpeed ZeRO), a directory ``ckpt-<step>/`` that every rank fills
+in a temporary directory before rank 0 writes ``state.pt`` into it and renames it. Either
+way a crash mid-write leaves the previous checkpoints intact; the newest K are kept.
+Loading uses ``weights_only=True`` (the state holds only tensors and plain Python values)
+and falls back to the previous checkpoint, with a warning, when the newest is unreadable.
 """
 
 from __future__ import annotations
@@ -12,29 +14,36 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 
 from ssgan_dist.errors import SetupError
 
+if TYPE_CHECKING:
+    from ssgan_dist.distributed.engines import Engine
+    from ssgan_dist.distributed.env import DistEnv
+
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+_NAME = re.compile(r"^ckpt-(\d{9})(\.pt)?$")
+STATE_FILE = "state.pt"  # inside a sharded checkpoint directory
 
 
 class CheckpointMismatch(SetupError):
     """A checkpoint made by a different model configuration."""
 
 
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / f"ckpt-{step:09d}.pt"
+def checkpoint_path(run_dir: Path, step: int, sharded: bool = False) -> Path:
+    return Path(run_dir) / (f"ckpt-{step:09d}" if sharded else f"ckpt-{step:09d}.pt")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run directory, oldest first (temporary files are ignored)."""
+    """Checkpoints of a run directory, oldest first (temporary files and dirs are ignored)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
@@ -55,7 +64,11 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -63,7 +76,21 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """The state of a checkpoint file or of a sharded checkpoint directory."""
+    path = Path(path)
+    return torch.load(path / STATE_FILE if path.is_dir() else path, map_location=map_location, weights_only=True)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class CheckpointManager:
@@ -73,12 +100,29 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.keep = keep
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = checkpoint_path(self.run_dir, step)
-        save_atomic(state, path)
-        for old in list_checkpoints(self.run_dir)[: -self.keep]:
-            old.unlink(missing_ok=True)
+    def save(self, step: int, state: dict[str, Any], env: "DistEnv", engine: "Engine") -> Path:
+        """Called on every rank; rank 0 writes the state, every rank its shards if any."""
+        path = checkpoint_path(self.run_dir, step, sharded=engine.sharded)
+        if engine.sharded:
+            tmp = self.run_dir / f".{path.name}.tmp"
+            if env.is_main:
+                _remove(tmp)
+                tmp.mkdir(parents=True)
+            _barrier()
+            engine.save_sharded(tmp)
+            _barrier()
+            if env.is_main:
+                save_atomic(state, tmp / STATE_FILE)
+                _remove(path)
+                os.replace(tmp, path)
+                _fsync_dir(self.run_dir)
+        elif env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(state, path)
+        if env.is_main:
+            for old in list_checkpoints(self.run_dir)[: -self.keep]:
+                _remove(old)
+        _barrier()  # nobody reads or prunes a checkpoint another rank is still writing
         return path
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:

@@ -67,6 +67,7 @@ class OptimConfig:
     lr_d: float = 2e-4
     beta1: float = 0.0
     beta2: float = 0.999
+    eps: float = 1e-8  # Adam's epsilon
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ssgan_dist import checkpoint as ckpt
@@ -28,9 +27,11 @@ from ssgan_dist.config import Config, ConfigError, load_config, save_config
 from ssgan_dist.data.schema import onehot
 from ssgan_dist.data.sources import training_loader
 from ssgan_dist.errors import SetupError
+from ssgan_dist.distributed.engines import build_engine
 from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.grid import make_grid, save_png
 from ssgan_dist.losses import VGGLoss, d_hinge_loss, feature_matching_loss, g_hinge_loss
+from ssgan_dist.telemetry import build_telemetry
 from ssgan_dist.models import build_discriminator, build_generator, load_vgg19
 
 log = logging.getLogger("ssgan_dist.train")
@@ -56,8 +57,6 @@ def configure_logging(run_dir: Path, env: DistEnv) -> None:
 
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse, before any work, a precision the device cannot run."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
 
@@ -71,11 +70,13 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 def step_noise(cfg: Config, env: DistEnv, step: int, batch: int) -> torch.Tensor | None:
-    """z for one step: a pure function of (seed, rank, step), so resume needs no RNG state."""
+    """This rank's slice of the global batch's z at ``step``: a pure function of (seed, step),
+    so resume needs no RNG state and N ranks x B draw the same z as 1 rank x N*B."""
     if not cfg.model.use_z:
         return None
-    gen = torch.Generator().manual_seed(hash((cfg.run.seed, env.rank, step)) & 0x7FFFFFFFFFFFFFFF)
-    return torch.randn(batch, cfg.model.z_dim, generator=gen).to(env.device)
+    gen = torch.Generator().manual_seed(hash((cfg.run.seed, step)) & 0x7FFFFFFFFFFFFFFF)
+    z = torch.randn(env.world_size * batch, cfg.model.z_dim, generator=gen)
+    return z[env.rank * batch:(env.rank + 1) * batch].to(env.device)
 
 
 def build_vgg_loss(cfg: Config, device: torch.device) -> VGGLoss | None:
@@ -86,10 +87,9 @@ def build_vgg_loss(cfg: Config, device: torch.device) -> VGGLoss | None:
     return VGGLoss(load_vgg19(cfg.loss.vgg_weights)).to(device)
 
 
-def build_optimizers(cfg: Config, g: nn.Module, d: nn.Module) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    betas = (float(cfg.optim.beta1), float(cfg.optim.beta2))
-    return (torch.optim.Adam(g.parameters(), lr=cfg.optim.lr_g, betas=betas),
-            torch.optim.Adam(d.parameters(), lr=cfg.optim.lr_d, betas=betas))
+def split_real_fake(feats: list[list[torch.Tensor]], n: int) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """D ran on cat([fake, real]): its outputs split back into (fake, real)."""
+    return [[f[:n] for f in scale] for scale in feats], [[f[n:] for f in scale] for scale in feats]
 
 
 @dataclass
@@ -97,6 +97,7 @@ class StepOutput:
     losses: dict[str, float]
     fake: torch.Tensor
     masks: list[torch.Tensor] = field(default_factory=list)
+    skipped: bool = False
 
 
 class Trainer:
@@ -106,48 +107,48 @@ class Trainer:
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.dir)
         check_precision(cfg.train.precision, env.device)
+        self.telemetry = build_telemetry(cfg, env)  # first: a taken metrics port fails before heavy work
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.G = build_generator(cfg.model).to(env.device)
-        self.D = build_discriminator(cfg.model).to(env.device)
+        self.engine = build_engine(cfg, env, build_generator(cfg.model), build_discriminator(cfg.model))
+        self.G, self.D = self.engine.g_module, self.engine.d_module
         self.vgg_loss = build_vgg_loss(cfg, env.device)
-        self.opt_g, self.opt_d = build_optimizers(cfg, self.G, self.D)
-        # fp16 needs a loss scaler per network: G's and D's gradients differ in scale.
-        fp16 = cfg.train.precision == "fp16"
-        self.scaler_g = torch.amp.GradScaler(env.device.type, enabled=fp16)
-        self.scaler_d = torch.amp.GradScaler(env.device.type, enabled=fp16)
         self.data = training_loader(cfg, env)
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep)
         self.step = 0
         self.skipped_samples = 0
+        self.nonfinite_steps = 0
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything to continue exactly; per-rank parts (data position, RNG) of every rank."""
+        per_rank = gather_to_all(self.env, {"data": self.data.state_dict(), "rng": torch.get_rng_state()})
         return {
             "step": self.step,
+            "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
-            "G": self.G.state_dict(),
-            "D": self.D.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "scaler_g": self.scaler_g.state_dict(),
-            "scaler_d": self.scaler_d.state_dict(),
-            "data": self.data.state_dict(),
-            "rng": {"torch": torch.get_rng_state()},
+            **self.engine.state_dict(),
+            "ranks": per_rank,
             "skipped_samples": self.skipped_samples,
+            "nonfinite_steps": self.nonfinite_steps,
+            "telemetry": self.telemetry.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         ckpt.check_compatible(state["config"]["model"], self.cfg.model_signature(), source)
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.scaler_g.load_state_dict(state["scaler_g"])
-        self.scaler_d.load_state_dict(state["scaler_d"])
-        self.data.load_state_dict(state["data"])
-        torch.set_rng_state(state["rng"]["torch"])
+        if state["world_size"] != self.env.world_size:
+            raise SetupError(
+                f"{source} was written by {state['world_size']} ranks and this run has "
+                f"{self.env.world_size}: the data position cannot be carried over exactly; "
+                f"run with {state['world_size']} ranks or a new run.dir"
+            )
+        self.engine.load_state_dict(state)
+        mine = state["ranks"][self.env.rank]
+        self.data.load_state_dict(mine["data"])
+        torch.set_rng_state(mine["rng"])
         self.step = int(state["step"])
         self.skipped_samples = int(state["skipped_samples"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.telemetry.load_state_dict(state.get("telemetry", {}))
 
     def maybe_resume(self) -> None:
         if not self.cfg.checkpoint.resume:
@@ -156,53 +157,55 @@ class Trainer:
         if found is not None:
             state, path = found
             self.load_state_dict(state, path)
+            self.engine.load_sharded(path)
             log.info("resumed from %s at step %d", path, self.step)
 
-    def save_checkpoint(self) -> Path | None:
-        if not self.env.is_main:
-            return None
-        path = self.ckpt.save(self.step, self.state_dict())
+    def save_checkpoint(self) -> Path:
+        path = self.ckpt.save(self.step, self.state_dict(), self.env, self.engine)
+        self.telemetry.checkpoint_saved()
         log.info("checkpoint %s", path)
         return path
 
     # -- one step --------------------------------------------------------------------
+    def nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
+        """True on every rank when the loss is not finite on any rank (one tiny all-reduce)."""
+        flag = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+        if self.env.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
-        cfg, dev = self.cfg, self.env.device
+        cfg, dev, engine = self.cfg, self.env.device, self.engine
         real = batch["image"].to(dev, non_blocking=True)
         m0 = onehot(batch["label"].to(dev, non_blocking=True), cfg.model.num_classes)
         z = step_noise(cfg, self.env, self.step, real.shape[0])
-        amp = lambda: autocast(cfg.train.precision, dev)  # noqa: E731
+        n = real.shape[0]
 
         # G step: D frozen; real and fake through D in one batch.
         self.D.requires_grad_(False)
-        with amp():
-            fake, masks = self.G(m0, z, return_masks=True)
-            feats = self.D(torch.cat([m0, m0]), torch.cat([fake, real]))
-            pred_fake = [[f[: real.shape[0]] for f in scale] for scale in feats]
-            pred_real = [[f[real.shape[0]:] for f in scale] for scale in feats]
+        with autocast(cfg.train.precision, dev):
+            fake, masks = engine.g(m0, z, return_masks=True)
+            pred_fake, pred_real = split_real_fake(engine.d_frozen(torch.cat([m0, m0]), torch.cat([fake, real])), n)
             g_gan = g_hinge_loss(pred_fake)
             g_fm = feature_matching_loss(pred_fake, pred_real) * cfg.loss.lambda_fm
             g_vgg = self.vgg_loss(fake, real) * cfg.loss.lambda_vgg if self.vgg_loss else torch.zeros((), device=dev)
             g_total = g_gan + g_fm + g_vgg
-        self.opt_g.zero_grad(set_to_none=True)
-        self.scaler_g.scale(g_total).backward()
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
+        skip_g = self.nonfinite_anywhere(g_total)
+        engine.backward_step("G", g_total, skip_g)
+        self.telemetry.lap("g_step")  # its optimizer step is timed apart, see telemetry.PhaseTimer
         self.D.requires_grad_(True)
 
         # D step on the fakes of this step, detached from G.
-        with amp():
-            feats = self.D(torch.cat([m0, m0]), torch.cat([fake.detach(), real]))
-            pred_fake = [[f[: real.shape[0]] for f in scale] for scale in feats]
-            pred_real = [[f[real.shape[0]:] for f in scale] for scale in feats]
+        with autocast(cfg.train.precision, dev):
+            pred_fake, pred_real = split_real_fake(engine.d(torch.cat([m0, m0]), torch.cat([fake.detach(), real])), n)
             d_loss = d_hinge_loss(pred_real, pred_fake)
-        self.opt_d.zero_grad(set_to_none=True)
-        self.scaler_d.scale(d_loss).backward()
-        self.scaler_d.step(self.opt_d)
-        self.scaler_d.update()
+        skip_d = self.nonfinite_anywhere(d_loss)
+        engine.backward_step("D", d_loss, skip_d)
+        self.telemetry.lap("d_step")
 
         losses = {"g_gan": g_gan, "g_fm": g_fm, "g_vgg": g_vgg, "g_total": g_total, "d_hinge": d_loss}
-        return StepOutput({k: float(v.detach()) for k, v in losses.items()}, fake.detach(), masks)
+        return StepOutput({k: float(v.detach()) for k, v in losses.items()}, fake.detach(), masks,
+                          skipped=skip_g or skip_d)
 
     def save_samples(self, batch: dict[str, Any], out: StepOutput) -> Path:
         mask = out.masks[-1] if out.masks else None
@@ -224,14 +227,18 @@ class Trainer:
         losses: dict[str, float] = {}
         t_window, n_window = time.perf_counter(), 0
         while self.step < cfg.train.max_steps:
+            self.telemetry.begin_step()
             batch = next(self.data)
+            self.telemetry.lap("data_wait")
             self._count_skipped(batch.pop("skipped"))
             out = self.train_step(batch)
+            self.telemetry.end_step(len(batch["image"]), out.losses, self.engine.learning_rates(), out.skipped)
             self.step += 1
             n_window += 1
             losses = out.losses
-            if not all(math.isfinite(v) for v in losses.values()):
-                log.warning("non-finite loss at step %d: %s", self.step, losses)
+            if out.skipped:
+                self.nonfinite_steps += 1
+                log.warning("step %d skipped on every rank: non-finite loss %s", self.step, losses)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - t_window
                 ips = n_window * global_batch / max(elapsed, 1e-9)
@@ -255,12 +262,23 @@ class Trainer:
                 break
             bar.update(1)
         bar.close()
+        self.telemetry.close()
         return losses
 
     def _count_skipped(self, skipped: list[str]) -> None:
         for reason in skipped:
             log.warning("skipped bad sample: %s", reason)
         self.skipped_samples += len(skipped)
+        self.telemetry.samples_skipped(len(skipped))
+
+
+def gather_to_all(env: DistEnv, obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a list of one without a process group)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:

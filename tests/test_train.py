@@ -61,10 +61,10 @@ def test_checkpoint_round_trip(tmp_path, shards32):
     assert fresh.step == 3
     for k, v in _params(t).items():
         assert torch.equal(v, _params(fresh)[k]), k
-    assert fresh.opt_g.state_dict()["state"].keys() == t.opt_g.state_dict()["state"].keys()
-    for a, b in zip(fresh.opt_d.state_dict()["state"].values(), state["opt_d"]["state"].values()):
+    assert fresh.engine.opt["G"].state_dict()["state"].keys() == t.engine.opt["G"].state_dict()["state"].keys()
+    for a, b in zip(fresh.engine.opt["D"].state_dict()["state"].values(), state["opt_d"]["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
-    assert fresh.data.state_dict() == state["data"]
+    assert fresh.data.state_dict() == state["ranks"][0]["data"]
 
 
 def test_truncated_checkpoint_falls_back_with_warning(tmp_path, shards32, caplog):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssgan_dist.config import ModelConfig
+from ssgan_dist.models.checkpointing import checkpointed
 from ssgan_dist.models.sfm import SFM, ToMask
 from ssgan_dist.models.spade import SPADEResBlock, init_weights
 
@@ -38,7 +39,7 @@ class SSGANGenerator(nn.Module):
         super().__init__()
         nf, c = cfg.ngf, cfg.num_classes
         self.use_z, self.z_dim, self.nf = cfg.use_z, cfg.z_dim, nf
-        self.grad_checkpoint = False  # per-block activation checkpointing (train.grad_checkpoint)
+        self.grad_checkpoint = False  # recompute each block's activations in backward (train.grad_checkpoint)
         self.start_size = cfg.image_size // 2 ** NUM_UPSAMPLING[cfg.num_upsampling]
         self.schedule = block_schedule(cfg.num_upsampling)
 
@@ -77,7 +78,11 @@ class SSGANGenerator(nn.Module):
         for i, (name, upsample) in enumerate(self.schedule):
             if upsample:
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
-            x = getattr(self, name)(x, seg)
+            block = getattr(self, name)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpointed(block, x, seg)
+            else:
+                x = block(x, seg)
             if i < len(self.sfms):
                 m = self.to_masks[i](x)
                 seg = self.sfms[i](m, m0)

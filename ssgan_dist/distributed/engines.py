@@ -1,0 +1,124 @@
+"""The engines that own G, D and their optimizers: DDP or DeepSpeed behind one interface.
+
+The training loop sees four callables and a few verbs:
+
+* ``g`` (G for training, wrapped), ``d`` (D for the D step, wrapped) and ``d_frozen``
+  (D's bare module for the G step: D's weights are frozen there, and going around the
+  wrapper keeps DDP's reducer and DeepSpeed's engine out of a pass whose D gradients are
+  never used);
+* ``backward_step(net, loss, skip)``: backward, then the optimizer step unless ``skip``
+  (a non-finite loss anywhere), with the loss scaler when fp16 asks for one;
+* ``state_dict``/``load_state_dict`` for what rank 0 writes, ``save_sharded``/
+  ``load_sharded`` for state that every rank must write itself (DeepSpeed's ZeRO shards).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ssgan_dist.config import Config, ConfigError
+from ssgan_dist.distributed.env import DistEnv
+from ssgan_dist.distributed.sync_bn import convert_sync_batchnorm
+
+
+class Engine(Protocol):
+    sharded: bool  # True: every rank writes part of the checkpoint (save_sharded)
+    g: nn.Module
+    d: nn.Module
+    d_frozen: nn.Module
+    g_module: nn.Module
+    d_module: nn.Module
+
+    def backward_step(self, net: str, loss: torch.Tensor, skip: bool) -> None: ...
+    def learning_rates(self) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def save_sharded(self, directory: Path) -> None: ...
+    def load_sharded(self, directory: Path) -> None: ...
+
+
+def adam(cfg: Config, params, lr: float) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def prepare_modules(cfg: Config, env: DistEnv, g: nn.Module, d: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Device placement, synchronized BN and activation checkpointing: the same for every engine."""
+    if cfg.model.sync_bn and env.distributed:
+        g = convert_sync_batchnorm(g, env.device)
+    g.grad_checkpoint = cfg.train.grad_checkpoint
+    return g.to(env.device), d.to(env.device)
+
+
+class DDPEngine:
+    """torch DDP around G and around D, one Adam and one loss scaler per network."""
+
+    sharded = False
+
+    def __init__(self, cfg: Config, env: DistEnv, g: nn.Module, d: nn.Module):
+        self.g_module, self.d_module = prepare_modules(cfg, env, g, d)
+        if env.distributed:
+            ids = [env.device.index] if env.device.type == "cuda" else None
+            with warnings.catch_warnings():  # broadcast_buffers= is deprecated-but-needed
+                warnings.simplefilter("ignore", FutureWarning)
+                # Buffers (BN statistics, spectral-norm vectors) evolve identically on every
+                # rank from identical weights; broadcasting them each step would be wasted work.
+                self.g = DDP(self.g_module, device_ids=ids, broadcast_buffers=False)
+                self.d = DDP(self.d_module, device_ids=ids, broadcast_buffers=False)
+        else:
+            self.g, self.d = self.g_module, self.d_module
+        self.d_frozen = self.d_module
+        self.opt = {"G": adam(cfg, self.g_module.parameters(), cfg.optim.lr_g),
+                    "D": adam(cfg, self.d_module.parameters(), cfg.optim.lr_d)}
+        fp16 = cfg.train.precision == "fp16"
+        # G's and D's gradients live on different scales: one scaler each.
+        self.scaler = {net: torch.amp.GradScaler(env.device.type, enabled=fp16) for net in ("G", "D")}
+
+    def backward_step(self, net: str, loss: torch.Tensor, skip: bool) -> None:
+        opt, scaler = self.opt[net], self.scaler[net]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # always: every rank joins DDP's gradient all-reduce
+        if skip:
+            opt.zero_grad(set_to_none=True)
+            return
+        scaler.step(opt)
+        scaler.update()
+
+    def learning_rates(self) -> dict[str, float]:
+        return {net: float(opt.param_groups[0]["lr"]) for net, opt in self.opt.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "G": self.g_module.state_dict(), "D": self.d_module.state_dict(),
+            "opt_g": self.opt["G"].state_dict(), "opt_d": self.opt["D"].state_dict(),
+            "scaler_g": self.scaler["G"].state_dict(), "scaler_d": self.scaler["D"].state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.g_module.load_state_dict(state["G"])
+        self.d_module.load_state_dict(state["D"])
+        self.opt["G"].load_state_dict(state["opt_g"])
+        self.opt["D"].load_state_dict(state["opt_d"])
+        self.scaler["G"].load_state_dict(state["scaler_g"])
+        self.scaler["D"].load_state_dict(state["scaler_d"])
+
+    def save_sharded(self, directory: Path) -> None:
+        """Nothing: DDP's state is whole on every rank and rank 0 writes it."""
+
+    def load_sharded(self, directory: Path) -> None:
+        """Nothing: see save_sharded."""
+
+
+def build_engine(cfg: Config, env: DistEnv, g: nn.Module, d: nn.Module) -> Engine:
+    if cfg.engine.name == "ddp":
+        return DDPEngine(cfg, env, g, d)
+    if cfg.engine.name == "deepspeed":
+        from ssgan_dist.distributed.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, env, g, d)
+    raise ConfigError(f"engine.name: unknown engine {cfg.engine.name!r}")

@@ -1,0 +1,65 @@
+"""``python -m ssgan_dist.train`` with one fault injected, for the recovery tests.
+
+    [torchrun ...] tests/dist_scripts/faulty_train.py MODE RANK STEP key=value...
+
+MODE is one of
+  kill-at-step   SIGKILL this process when it is about to run STEP, on the first attempt only
+                 (torchrun's restart counter is 0), as a crashed or OOM-killed worker would be;
+  kill-in-save   SIGKILL this process halfway through writing the checkpoint of STEP;
+  nan-at-step    make this rank's G loss NaN at STEP.
+RANK is the rank that suffers it. Everything else is the real training entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+import ssgan_dist.checkpoint as ckpt
+import ssgan_dist.train as train
+
+
+def main() -> int:
+    mode, rank, step, *overrides = sys.argv[1:]
+    rank, step = int(rank), int(step)
+    me = int(os.environ.get("RANK", "0"))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if me == rank and mode == "kill-at-step" and first_attempt:
+        original_step = train.Trainer.train_step
+
+        def train_step(self, batch):
+            if self.step + 1 == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_step(self, batch)
+
+        train.Trainer.train_step = train_step
+    elif me == rank and mode == "kill-in-save":
+        original_save = torch.save
+
+        def half_save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and obj.get("step") == step:
+                original_save(obj, f, *args, **kwargs)
+                f.flush()
+                f.truncate(f.tell() // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original_save(obj, f, *args, **kwargs)
+
+        ckpt.torch.save = half_save
+    elif me == rank and mode == "nan-at-step":
+        original_loss = train.g_hinge_loss
+        calls = {"n": 0}
+
+        def g_hinge_loss(pred):
+            calls["n"] += 1
+            loss = original_loss(pred)
+            return loss * float("nan") if calls["n"] == step else loss
+
+        train.g_hinge_loss = g_hinge_loss
+    return train.main(overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

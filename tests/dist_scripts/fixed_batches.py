@@ -1,0 +1,46 @@
+"""Train K steps on fixed global batches, each rank taking its slice; rank 0 saves G and D.
+
+    torchrun --nproc_per_node N tests/dist_scripts/fixed_batches.py OUT GLOBAL_BATCH STEPS key=value...
+
+Every rank reads the same global batches (a one-rank loader without flips) and takes rows
+[rank*B, (rank+1)*B), so N ranks x B and 1 rank x N*B train on exactly the same samples; z is
+already a per-step function of the global batch (train.step_noise).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ssgan_dist.config import load_config
+from ssgan_dist.data.torch_loader import build_torch_loader, resolve_shards
+from ssgan_dist.distributed.env import setup, teardown
+from ssgan_dist.train import Trainer
+
+
+def main() -> None:
+    out, global_batch, steps, *overrides = sys.argv[1:]
+    global_batch, steps = int(global_batch), int(steps)
+    env = setup()
+    local = global_batch // env.world_size
+    cfg = load_config("demo", [*overrides, f"train.batch_size={local}"])
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg, env)
+    source = build_torch_loader(
+        resolve_shards(cfg.data.shards), seed=0, rank=0, world_size=1, num_workers=0, batch_size=global_batch,
+        num_classes=cfg.model.num_classes, image_size=cfg.model.image_size, on_error="raise", flip=False,
+    )
+    losses = []
+    for _ in range(steps):
+        batch = next(source)
+        mine = {k: batch[k][env.rank * local:(env.rank + 1) * local] for k in ("sketch", "label", "image")}
+        losses.append(trainer.train_step(mine).losses)
+        trainer.step += 1
+    if env.is_main:
+        torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict(), "losses": losses}, out)
+    teardown()
+
+
+if __name__ == "__main__":
+    main()
