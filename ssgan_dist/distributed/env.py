@@ -78,13 +78,14 @@ def setup(timeout_s: float = 600.0) -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            rank=rank,
-            world_size=world,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # A worker group restarted by torchrun (--max-restarts) may meet the keys its dead
+        # predecessors left in the store (seen with gloo: peers dialing stale addresses);
+        # each attempt gets a key space of its own.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"ssgan/attempt_{attempt}", store),
+                                rank=rank, world_size=world, timeout=timeout)
     return DistEnv(rank, world, local_rank, socket.gethostname(), device, backend)
 
 

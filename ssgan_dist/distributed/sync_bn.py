@@ -3,8 +3,8 @@
 SPADE normalizes with batch statistics; with a per-rank batch of 1-4 images those are far
 noisier than the global batch's, so the statistics are reduced across ranks. On CUDA that is
 torch's ``SyncBatchNorm``. torch's refuses CPU tensors in training, so on CPU (gloo) a
-``CrossRankBatchNorm2d`` all-reduces per-channel sums, sums of squares and counts with the
-differentiable ``torch.distributed.nn.functional.all_reduce``: the forward and the gradients
+``CrossRankBatchNorm2d`` gathers per-rank counts, means and variances with the
+differentiable ``torch.distributed.nn.functional.all_gather``: the forward and the gradients
 are those of one BatchNorm over the global batch, which is what the CI tests check.
 """
 
@@ -24,12 +24,17 @@ class CrossRankBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         c = x.shape[1]
         xf = x.float()
-        count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
-        packed = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3)), count])
-        packed = dist_fn.all_reduce(packed)
-        total = packed[-1]
-        mean = packed[:c] / total
-        var = (packed[c: 2 * c] / total - mean * mean).clamp_min(0)
+        # Per-rank (count, mean, M2) combined with Chan's parallel formula: as stable as one
+        # BatchNorm over the global batch (sum / sum-of-squares would cancel catastrophically).
+        var_l, mean_l = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        count_l = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
+        stats = dist_fn.all_gather(torch.cat([count_l, mean_l, var_l]))
+        counts = torch.stack([s[0] for s in stats])  # [R]
+        means = torch.stack([s[1: c + 1] for s in stats])  # [R, C]
+        m2s = torch.stack([s[c + 1:] for s in stats]) * counts[:, None]
+        total = counts.sum()
+        mean = (counts[:, None] * means).sum(0) / total
+        var = (m2s.sum(0) + (counts[:, None] * (means - mean) ** 2).sum(0)) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
