@@ -76,6 +76,7 @@ class TrainConfig:
     batch_size: int = 1  # per rank
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     grad_checkpoint: bool = False
+    channels_last: bool = False  # NHWC activations: faster convolutions on tensor-core GPUs
     log_every: int = 10
     sample_every: int = 100
     threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default

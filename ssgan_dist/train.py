@@ -176,8 +176,9 @@ class Trainer:
 
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
         cfg, dev, engine = self.cfg, self.env.device, self.engine
-        real = batch["image"].to(dev, non_blocking=True)
-        m0 = onehot(batch["label"].to(dev, non_blocking=True), cfg.model.num_classes)
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        real = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
+        m0 = onehot(batch["label"].to(dev, non_blocking=True), cfg.model.num_classes).contiguous(memory_format=fmt)
         z = step_noise(cfg, self.env, self.step, real.shape[0])
         n = real.shape[0]
 

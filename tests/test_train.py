@@ -179,3 +179,17 @@ def test_fp16_scaler_state_survives_resume(tmp_path, shards32):
     a, b = _params(straight), _params(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_channels_last_trains_like_contiguous(tmp_path, shards32):
+    """NHWC activations change only the memory layout: the same training within float noise
+    (Adam's eps raised as in the distributed equivalence tests, for zero-gradient biases)."""
+    common = ["train.max_steps=2", "optim.eps=1e-3"]
+    a = _trainer(tmp_path / "a", shards32, *common)
+    a.fit()
+    b = _trainer(tmp_path / "b", shards32, *common, "train.channels_last=true")
+    assert b.G.conv_img.weight.is_contiguous(memory_format=torch.channels_last)
+    b.fit()
+    pa, pb = _params(a), _params(b)
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=1e-5, rtol=1e-4), k

@@ -48,11 +48,13 @@ def adam(cfg: Config, params, lr: float) -> torch.optim.Adam:
 
 
 def prepare_modules(cfg: Config, env: DistEnv, g: nn.Module, d: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Device placement, synchronized BN and activation checkpointing: the same for every engine."""
+    """Device placement and memory format, synchronized BN, activation checkpointing: the same
+    for every engine."""
     if cfg.model.sync_bn and env.distributed:
         g = convert_sync_batchnorm(g, env.device)
     g.grad_checkpoint = cfg.train.grad_checkpoint
-    return g.to(env.device), d.to(env.device)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return g.to(env.device, memory_format=fmt), d.to(env.device, memory_format=fmt)
 
 
 class DDPEngine:

@@ -1,0 +1,219 @@
+"""Training-step benchmark: images/s, the step split into phases, peak memory, MFU.
+
+    python bench/train_throughput.py --config demo --steps 20 --warmup 3
+    python bench/train_throughput.py --config sketchycoco-256 --steps 3 --warmup 1 \\
+        --variants ssgan,spade,ssgan-ckpt,spade-ckpt
+    python bench/train_throughput.py --config sketchycoco-256 --precision bf16 --channels-last  # on a GPU
+
+Each variant runs in a fresh process: SSGAN, the SPADE baseline (``model.sfm=false``), and
+either with gradient checkpointing (``-ckpt``). A variant builds the real Trainer (engine,
+loader over synthetic shards at the config's size, losses; the perceptual loss uses random
+VGG19 weights in torchvision's layout so its cost is counted) and times whole training
+steps after warm-up, split by telemetry's PhaseTimer into data_wait / g_step / d_step /
+optimizer. Peak memory is the rise above the memory held before a timed step (weights,
+optimizer state): on CUDA from the allocator; on CPU from the kernel's peak-RSS counter,
+reset before the timed steps, with every large allocation mmap'ed so that freed memory
+leaves the RSS. MFU = counted model FLOPs per image (summary.count_flops, backward = 2x
+forward) x images/s / the device's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "ssgan": [],
+    "spade": ["model.sfm=false"],
+    "ssgan-ckpt": ["train.grad_checkpoint=true"],
+    "spade-ckpt": ["model.sfm=false", "train.grad_checkpoint=true"],
+}
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _random_vgg19(path: Path) -> None:
+    """Random weights in torchvision's vgg19 ``features`` layout, for the perceptual loss's cost."""
+    import torch
+
+    convs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 256),
+             (256, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512), (512, 512)]
+    idx = [0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34]
+    state = {}
+    for i, (cin, cout) in zip(idx, convs):
+        state[f"features.{i}.weight"] = torch.randn(cout, cin, 3, 3) * 0.01
+        state[f"features.{i}.bias"] = torch.zeros(cout)
+    torch.save(state, path)
+
+
+def cpu_matmul_peak(threads: int) -> float:
+    """FLOP/s of a large fp32 matmul on this CPU: the MFU denominator when there is no GPU table."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    n = 6
+    for _ in range(n):
+        a @ b
+    return 2 * 2048**3 * n / (time.perf_counter() - t0)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    from ssgan_dist.config import load_config
+    from ssgan_dist.data.writer import build_synthetic_shards
+    from ssgan_dist.distributed.env import setup
+    from ssgan_dist.summary import count_flops
+    from ssgan_dist.telemetry import PhaseTimer, Telemetry, peak_flops, train_flops_per_image
+    from ssgan_dist.train import Trainer
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="ssgan-bench-"))
+    probe = load_config(args.config, args.overrides)
+    size = probe.model.image_size
+    shards = Path(args.cache) / f"bench-{size}px"
+    if not (shards / "manifest.json").is_file():
+        build_synthetic_shards(shards, count=64, samples_per_shard=32, size=size, seed=0,
+                               num_classes=probe.model.num_classes)
+    vgg = tmp / "vgg19.pth"
+    _random_vgg19(vgg)
+    overrides = [*args.overrides, *VARIANTS[args.variant], f"data.shards={shards}", f"run.dir={tmp / 'run'}",
+                 f"loss.vgg_weights={vgg}", f"train.precision={args.precision}",
+                 f"train.channels_last={str(args.channels_last).lower()}", "train.progress=false",
+                 "metrics.enabled=false", "checkpoint.every=1000000", "train.sample_every=1000000",
+                 "train.log_every=1000000", f"data.num_workers={args.workers}"]
+    if args.batch:
+        overrides.append(f"train.batch_size={args.batch}")
+    cfg = load_config(args.config, overrides)
+    env = setup()
+    trainer = Trainer(cfg, env)
+
+    timer = PhaseTimer(env.device)
+
+    class Laps(Telemetry):
+        def lap(self, phase: str) -> None:
+            timer.lap(phase)
+
+    trainer.telemetry = Laps()
+
+    def one_step() -> tuple[dict[str, float], float]:
+        timer.start()
+        batch = next(trainer.data)
+        timer.lap("data_wait")
+        trainer.train_step(batch)
+        trainer.step += 1
+        return timer.stop()
+
+    for _ in range(args.warmup):
+        one_step()
+    cuda = env.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+        base = _rss_bytes("VmRSS")
+    phases: dict[str, float] = {}
+    wall = 0.0
+    for _ in range(args.steps):
+        p, w = one_step()
+        wall += w
+        for k, v in p.items():
+            phases[k] = phases.get(k, 0.0) + v
+    peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - base
+    images = args.steps * cfg.train.batch_size
+    flops = train_flops_per_image(cfg)
+    device_peak = peak_flops(cfg, env.device) if cuda else cpu_matmul_peak(args.threads)
+    counts = count_flops(cfg)
+    return {
+        "variant": args.variant, "config": args.config, "image_size": size, "batch": cfg.train.batch_size,
+        "precision": cfg.train.precision, "channels_last": cfg.train.channels_last,
+        "device": torch.cuda.get_device_name(env.device) if cuda else f"cpu x{args.threads} threads",
+        "step_s": wall / args.steps, "images_per_s": images / wall,
+        "phases_s": {k: v / args.steps for k, v in sorted(phases.items())},
+        "peak_step_memory_bytes": peak,
+        "train_gflop_per_image": flops / 1e9, "g_params": counts["generator"]["params"],
+        "mfu": (flops * images / wall / device_peak) if device_peak else None,
+        "device_peak_tflops": device_peak / 1e12 if device_peak else None,
+    }
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| variant | img/s | step s | data_wait | g_step | d_step | optimizer | peak step mem MiB | MFU |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        p = r["phases_s"]
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['variant']} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | {p.get('data_wait', 0):.3f} | "
+                     f"{p.get('g_step', 0):.3f} | {p.get('d_step', 0):.3f} | {p.get('optimizer', 0):.3f} | "
+                     f"{r['peak_step_memory_bytes'] / 2**20:.0f} | {mfu} |")
+    by = {r["variant"]: r for r in rows}
+    notes = []
+    if "ssgan" in by and "spade" in by:
+        notes.append(f"SSGAN / SPADE step time: {by['ssgan']['step_s'] / by['spade']['step_s']:.3f}x (target <= 1.15x)")
+    for v in ("ssgan", "spade"):
+        if v in by and f"{v}-ckpt" in by:
+            a, b = by[v], by[f"{v}-ckpt"]
+            notes.append(f"{v} checkpointing: memory {b['peak_step_memory_bytes'] / a['peak_step_memory_bytes']:.2f}x "
+                         f"(target <= 0.6x), step time {b['step_s'] / a['step_s']:.2f}x (target <= 1.3x)")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--variants", default="ssgan,spade,ssgan-ckpt,spade-ckpt")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=0, help="per-process batch; 0: the config's")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workers", type=int, default=1, help="data.num_workers")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ssgan-bench-shards"))
+    parser.add_argument("--json", default="", help="also write the rows here")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(worker(args)))
+        return 0
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+           "OMP_NUM_THREADS": str(args.threads)}
+    for variant in args.variants.split(","):
+        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            return out.returncode
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{variant}: {rows[-1]['images_per_s']:.2f} img/s", file=sys.stderr)
+    print(f"{args.config}, batch {rows[0]['batch']}, {rows[0]['precision']}, {rows[0]['device']}, "
+          f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
