@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
 import itertools
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,7 @@ import torch
 
 from ssgan_dist.data.schema import BadSample
 from ssgan_dist.data.torch_loader import ShardSpecError, build_torch_loader, resolve_shards
-from ssgan_dist.data.writer import write_shards
-from ssgan_dist.data.synthetic import make_scene
+from badsamples import KINDS, write_bad_shards
 
 
 def _loader(shards, *, rank=0, world=1, workers=0, batch=2, on_error="skip", seed=3, flip=True):
@@ -83,41 +80,11 @@ def test_ranks_get_disjoint_samples_and_never_run_dry(shards32, world, workers):
         assert not a & b
 
 
-def _bad_tar(path: Path, kind: str) -> str:
-    """A shard with good samples around one bad sample of the given kind."""
-    good = [("good%03d" % i, *make_scene(i, 32)[:3], {"i": i}) for i in range(3)]
-    write_shards(good, path.parent, name=path.stem, samples_per_shard=10, num_classes=20, source="test", resolution=32)
-    tar_path = next(path.parent.glob(f"{path.stem}-*.tar"))
-    sketch, label, image, _ = make_scene(99, 32)
-    from ssgan_dist.data.schema import encode_sample
-
-    members = encode_sample("badkey", sketch, label, image, {"i": 99})
-    if kind == "missing":
-        members.pop("image.jpg")
-    elif kind == "undecodable":
-        members["image.jpg"] = b"not a jpeg at all"
-    elif kind == "class":
-        big = label.copy()
-        big[0, 0] = 25
-        members = encode_sample("badkey", sketch, big, image, {"i": 99})
-    elif kind == "size":
-        s2, l2, i2, _ = make_scene(99, 64)
-        members = encode_sample("badkey", s2, l2, i2, {"i": 99})
-    with tarfile.open(tar_path, "a") as tar:
-        for name, data in members.items():
-            if name.startswith("__"):
-                continue
-            info = tarfile.TarInfo(f"badkey.{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return tar_path.name
-
-
-@pytest.mark.parametrize("kind", ["missing", "undecodable", "class", "size"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_bad_sample_skip_and_raise(tmp_path, kind):
     d = tmp_path / kind
     d.mkdir()
-    shard = _bad_tar(d / "bad", kind)
+    shard = write_bad_shards(d, kind)
     batches = _take(_loader(d, batch=3, flip=False), 2)  # one pass: 3 good samples + the bad one
     keys = [k for b in batches for k in b["key"]]
     skipped = [s for b in batches for s in b["skipped"]]
