@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch import nn
 from ssgan_dist.config import Config
 from ssgan_dist.data.ordered import OrderedSamples
 from ssgan_dist.data.schema import BadSample
+from ssgan_dist.data.sources import cache_root
 from ssgan_dist.data.torch_loader import resolve_shards
 from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.errors import SetupError
@@ -68,9 +68,8 @@ class EvalSpec:
 
 
 def default_cache_dir(cfg: Config) -> Path:
-    """Beside the synthetic shards: data.cache_dir, $SSGAN_CACHE or ~/.cache/ssgan_dist."""
-    root = cfg.data.cache_dir or os.environ.get("SSGAN_CACHE") or Path.home() / ".cache" / "ssgan_dist"
-    return Path(root) / "fid-stats"
+    """Beside the synthetic shards (sources.cache_root)."""
+    return cache_root(cfg) / "fid-stats"
 
 
 def _from_main(env: DistEnv, fn: Callable[[], Any]) -> Any:

@@ -25,8 +25,13 @@ from ssgan_dist.distributed.env import DistEnv
 log = logging.getLogger(__name__)
 
 
+def cache_root(cfg: Config) -> Path:
+    """Where generated data lives: data.cache_dir, else $SSGAN_CACHE, else ~/.cache/ssgan_dist."""
+    return Path(cfg.data.cache_dir or os.environ.get("SSGAN_CACHE") or Path.home() / ".cache" / "ssgan_dist")
+
+
 def synthetic_cache_dir(cfg: Config) -> Path:
-    root = Path(cfg.data.cache_dir or os.environ.get("SSGAN_CACHE", Path.home() / ".cache" / "ssgan_dist"))
+    root = cache_root(cfg)
     m, d = cfg.model, cfg.data
     bg = "-".join(map(str, m.background_classes))
     return root / f"synthetic-{m.image_size}px-c{m.num_classes}-bg{bg}-n{d.synthetic_count}-p{d.synthetic_per_shard}-s{cfg.run.seed}"
