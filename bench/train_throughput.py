@@ -138,6 +138,8 @@ def worker(args: argparse.Namespace) -> dict:
         for k, v in p.items():
             phases[k] = phases.get(k, 0.0) + v
     peak = (torch.cuda.max_memory_allocated() if cuda else _rss_bytes("VmHWM")) - base
+    if args.measure == "memory":
+        return {"peak_step_memory_bytes": peak}
     images = args.steps * cfg.train.batch_size
     flops = train_flops_per_image(cfg)
     device_peak = peak_flops(cfg, env.device) if cuda else cpu_matmul_peak(args.threads)
@@ -177,12 +179,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
+def _worker_run(variant: str, measure: str, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--variant", variant, "--measure", measure, *sys.argv[1:]]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{variant} ({measure}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="demo")
     parser.add_argument("--variants", default="ssgan,spade,ssgan-ckpt,spade-ckpt")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per variant, interleaved; best is kept")
     parser.add_argument("--batch", type=int, default=0, help="per-process batch; 0: the config's")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers")
@@ -191,22 +202,30 @@ def main() -> int:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "ssgan-bench-shards"))
     parser.add_argument("--json", default="", help="also write the rows here")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=["time", "memory"], default="time", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(worker(args)))
         return 0
+    import torch
+
+    on_gpu = torch.cuda.is_available()
     rows = []
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
-           "OMP_NUM_THREADS": str(args.threads)}
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            return out.returncode
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{variant}: {rows[-1]['images_per_s']:.2f} img/s", file=sys.stderr)
+    timing_env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    memory_env = {**timing_env, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    variants = args.variants.split(",")
+    timed: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.repeats):  # interleaved, so a noisy minute hits every variant alike
+        for variant in variants:
+            timed[variant].append(_worker_run(variant, "time", timing_env))
+            print(f"{variant}: {timed[variant][-1]['images_per_s']:.2f} img/s", file=sys.stderr)
+    for variant in variants:
+        row = min(timed[variant], key=lambda r: r["step_s"])  # best of the repeats
+        row["step_s_all"] = [r["step_s"] for r in timed[variant]]
+        if not on_gpu:  # on a GPU the allocator's peak of the timed run is exact
+            row.update(_worker_run(variant, "memory", memory_env))
+        rows.append(row)
     print(f"{args.config}, batch {rows[0]['batch']}, {rows[0]['precision']}, {rows[0]['device']}, "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}\n")
     print(table(rows))
