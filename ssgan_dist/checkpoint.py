@@ -136,10 +136,19 @@ class CheckpointManager:
         return None
 
 
-def check_compatible(saved: dict[str, Any], expected: dict[str, Any], source: Path | str) -> None:
-    """Refuse a checkpoint whose model settings differ, naming every differing key."""
+def check_task(saved_config: dict[str, Any], task: str, source: Path | str) -> None:
+    """Refuse a checkpoint of another run.task (GAN vs segmenter) before its keys are looked up."""
+    saved = saved_config.get("run", {}).get("task", "gan")  # written before run.task existed: a GAN's
+    if saved != task:
+        raise CheckpointMismatch(f"{source} is a checkpoint of run.task={saved}, and this run has run.task={task}; "
+                                 "give this run its own run.dir")
+
+
+def check_compatible(saved: dict[str, Any], expected: dict[str, Any], source: Path | str,
+                     prefix: str = "model.") -> None:
+    """Refuse a checkpoint whose model settings differ, naming every differing key (``prefix`` + key)."""
     diffs = [
-        f"model.{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}"
+        f"{prefix}{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}"
         for k in sorted(set(saved) | set(expected))
         if saved.get(k) != expected.get(k) and k != "sync_bn"
     ]

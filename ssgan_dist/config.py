@@ -32,6 +32,7 @@ class RunConfig:
     dir: str = "runs/demo"  # checkpoints, samples, resolved config and logs go here
     seed: int = 0
     name: str = "ssgan"  # the Prometheus `job` label and the log prefix
+    task: Literal["gan", "segmenter"] = "gan"  # segmenter: train the sketch -> M0 network (segmenter.*)
 
 
 @dataclass
@@ -51,6 +52,17 @@ class ModelConfig:
     sync_bn: bool = True  # synchronize the SPADE BatchNorm statistics across ranks
     d_scales: int = 2
     d_layers: int = 4
+
+
+@dataclass
+class SegmenterConfig:
+    """The sketch segmenter (paper step (i)): a small U-Net; its classes are model.num_classes
+    and its input size model.image_size, so that its M0 fits the generator it feeds."""
+
+    width: int = 32  # channels of the first level, doubled at every level below it
+    levels: int = 3  # resolutions of the U-Net: image_size must be a multiple of 2^(levels - 1)
+    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # bottleneck convs: context along strokes
+    lr: float = 1e-3  # Adam, betas (0.9, 0.999)
 
 
 @dataclass
@@ -131,6 +143,7 @@ class EvalConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -316,6 +329,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"metrics.port: {cfg.metrics.port} is not a TCP port")
     if cfg.metrics.peak_flops < 0 or cfg.metrics.linger_s < 0:
         raise ConfigError("metrics.peak_flops and metrics.linger_s: must be 0 or more")
+    if cfg.run.task == "segmenter":
+        validate_segmenter(cfg)
+
+
+def validate_segmenter(cfg: Config) -> None:
+    """What a segmenter run needs; GAN-only features are refused rather than ignored."""
+    s = cfg.segmenter
+    if s.width < 1 or s.levels < 1 or not s.dilations or min(s.dilations) < 1 or s.lr <= 0:
+        raise ConfigError("segmenter.width, segmenter.levels, segmenter.dilations (non-empty) and segmenter.lr: "
+                          "must be positive")
+    if cfg.model.image_size % 2 ** (s.levels - 1):
+        raise ConfigError(f"model.image_size: {cfg.model.image_size} is not a multiple of {2 ** (s.levels - 1)} "
+                          f"(2^(segmenter.levels - 1) for segmenter.levels={s.levels})")
+    refused = {"engine.name=deepspeed": (cfg.engine.name == "deepspeed", "use engine.name=ddp"),
+               "train.grad_checkpoint=true": (cfg.train.grad_checkpoint, "the segmenter is small"),
+               f"eval.every={cfg.eval.every}": (cfg.eval.every > 0, "evaluate its checkpoints with "
+                                                "python -m ssgan_dist.evaluate_segmenter")}
+    for setting, (on, hint) in refused.items():
+        if on:
+            raise ConfigError(f"{setting}: not available with run.task=segmenter; {hint}")
 
 
 def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -1,9 +1,11 @@
 """``python -m ssgan_dist.generate``: images from a sketch and its label map, or from a shard set.
 
-One input (``--sketch S.png --label L.png --out out.png``) or every sample of a shard set
-(``--shards SPEC --out DIR``, one ``<key>.png`` each). Beside each image, ``<name>.mask.png``
-shows the SFM's last learned mask (argmax over classes, coloured like the label maps), the
-paper's Figure 3(c). ``--num-styles K`` draws K noise vectors per input (``<name>-style<k>.png``);
+One input (``--sketch S.png --label L.png --out out.png``), a bare sketch whose label map M0
+a sketch segmenter predicts (``--sketch S.png --segmenter SEG.pt --out out.png``, M0 written
+as ``out.label.png``), or every sample of a shard set (``--shards SPEC --out DIR``, one
+``<key>.png`` each). Beside each image, ``<name>.mask.png`` shows the SFM's last learned mask
+(argmax over classes, coloured like the label maps), the paper's Figure 3(c).
+``--num-styles K`` draws K noise vectors per input (``<name>-style<k>.png``);
 ``--grid G.png`` puts inputs x styles side by side: sketch | label | K outputs | real | mask.
 The generator and its config come from the checkpoint; noise from (seed, input index, style).
 """
@@ -23,17 +25,19 @@ from PIL import Image
 
 from ssgan_dist.config import Config
 from ssgan_dist.data.ordered import OrderedSamples
-from ssgan_dist.data.schema import BadSample, colorize
+from ssgan_dist.data.schema import STROKE_THRESHOLD, BadSample, colorize, stroke_mask
 from ssgan_dist.data.torch_loader import resolve_shards
 from ssgan_dist.distributed.env import setup
 from ssgan_dist.errors import SetupError
 from ssgan_dist.grid import make_grid, mask_argmax, save_png
-from ssgan_dist.inference import LoadedGenerator, load_generator, noise, run_generator, to_uint8
+from ssgan_dist.inference import (LoadedGenerator, load_generator, load_segmenter, noise, run_generator,
+                                  run_segmenter, to_uint8)
 
 log = logging.getLogger("ssgan_dist.generate")
 
 # Where a lone --sketch can get its label map from, as named in the error when none is given.
-LABEL_SOURCES = ("--label PNG (class index per pixel, 0 = none)",)
+LABEL_SOURCES = ("--label PNG (class index per pixel, 0 = none)",
+                 "--segmenter CKPT (a sketch segmenter's checkpoint, run.task=segmenter, predicts it)")
 
 
 class InputError(SetupError):
@@ -56,8 +60,17 @@ def _open_image(path: str, option: str) -> Image.Image:
 
 
 def read_sketch(path: str) -> np.ndarray:
-    """Any image, as 8-bit grey [H,W] (strokes dark on white, as SketchyCOCO's)."""
-    return np.array(_open_image(path, "--sketch").convert("L"))
+    """8-bit grey [H,W], strokes dark on white as in the shards. Grey stored as RGB is fine and
+    transparency is laid on white paper, but a colour image is refused: it is not a sketch."""
+    img = _open_image(path, "--sketch")
+    if img.mode in ("1", "L"):
+        return np.array(img.convert("L"))
+    rgba = img.convert("RGBA")
+    rgb = np.array(Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB"))
+    if (rgb != rgb[..., :1]).any():
+        raise InputError(f"--sketch: {path} is a colour image ({img.mode}); a sketch is grey or black strokes "
+                         "on white paper (class maps go to --label as class indices)")
+    return rgb[..., 0].copy()
 
 
 def read_label(path: str, num_classes: int) -> np.ndarray:
@@ -74,21 +87,44 @@ def read_label(path: str, num_classes: int) -> np.ndarray:
     return label
 
 
-def label_for(args: argparse.Namespace, cfg: Config) -> np.ndarray:
-    """The label map of a single --sketch, from the first source given (see LABEL_SOURCES)."""
+def predict_label(args: argparse.Namespace, loaded: LoadedGenerator, sketch: np.ndarray) -> np.ndarray:
+    """M0 of --sketch predicted by --segmenter, whose classes and size must be the generator's."""
+    seg = load_segmenter(Path(args.segmenter), next(loaded.G.parameters()).device)
+    s, g = seg.cfg.model, loaded.cfg.model
+    if s.num_classes != g.num_classes:
+        raise InputError(f"--segmenter {seg.path} predicts {s.num_classes} classes (model.num_classes={s.num_classes}), "
+                         f"but --checkpoint {loaded.path} takes {g.num_classes} (model.num_classes={g.num_classes}): "
+                         "train the segmenter with the generator's model.num_classes")
+    if s.image_size != g.image_size:
+        raise InputError(f"--segmenter {seg.path} was trained on {s.image_size}x{s.image_size} sketches, but "
+                         f"--checkpoint {loaded.path} makes {g.image_size}x{g.image_size} images (model.image_size)")
+    pixels = torch.from_numpy(sketch).float().div(255.0)[None, None]
+    if not stroke_mask(pixels).any():
+        raise InputError(f"--sketch {args.sketch} is blank (no pixel darker than {STROKE_THRESHOLD}/255): "
+                         "--segmenter labels strokes, and there are none")
+    return run_segmenter(seg.S, pixels)[0].cpu().numpy().astype(np.uint8)
+
+
+def label_for(args: argparse.Namespace, loaded: LoadedGenerator, sketch: np.ndarray) -> np.ndarray:
+    """The label map of a single --sketch, from the one source given (see LABEL_SOURCES)."""
     if args.label:
-        return read_label(args.label, cfg.model.num_classes)
+        return read_label(args.label, loaded.cfg.model.num_classes)
+    if args.segmenter:
+        return predict_label(args, loaded, sketch)
     raise InputError(f"no label map for --sketch {args.sketch}: give {' or '.join(LABEL_SOURCES)}")
 
 
 def single_input(args: argparse.Namespace, loaded: LoadedGenerator) -> dict:
     """The one input of --sketch as a batch of one, checked against the model's size."""
     sketch = read_sketch(args.sketch)
-    label = label_for(args, loaded.cfg)
+    size = loaded.cfg.model.image_size
+    if args.segmenter and sketch.shape != (size, size):  # checked before the segmenter runs on it
+        raise InputError(f"--sketch {args.sketch} is {sketch.shape[1]}x{sketch.shape[0]}, but --checkpoint "
+                         f"{loaded.path} makes {size}x{size} images (model.image_size={size})")
+    label = label_for(args, loaded, sketch)
     if sketch.shape != label.shape:
         raise InputError(f"--sketch {args.sketch} is {sketch.shape[1]}x{sketch.shape[0]} but the label map "
                          f"is {label.shape[1]}x{label.shape[0]}: they must be the same size")
-    size = loaded.cfg.model.image_size
     if label.shape != (size, size):
         raise InputError(f"--sketch {args.sketch} and its label map are {label.shape[1]}x{label.shape[0]}, but "
                          f"--checkpoint {loaded.path} makes {size}x{size} images (model.image_size={size})")
@@ -120,6 +156,11 @@ def output_path(base: Path, style: int, num_styles: int) -> Path:
 
 def mask_path(image_path: Path) -> Path:
     return image_path.with_name(f"{image_path.stem}.mask.png")
+
+
+def label_path(out: Path) -> Path:
+    """Where the M0 predicted by --segmenter goes, in the label colours."""
+    return out.with_name(f"{out.stem}.label.png")
 
 
 @dataclass
@@ -154,7 +195,10 @@ def generate(args: argparse.Namespace, loaded: LoadedGenerator) -> list[Path]:
     else:
         if out.suffix.lower() != ".png":
             raise InputError(f"--out: {out} must end in .png for one input")
-        batches, bases = iter([single_input(args, loaded)]), lambda batch: [out]
+        single = single_input(args, loaded)
+        if args.segmenter:
+            save_png(colorize(single["label"][0]), label_path(out))
+        batches, bases = iter([single]), lambda batch: [out]
     grid = GridRows(args.grid_rows)
     written: list[Path] = []
     for batch in batches:
@@ -189,9 +233,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ssgan_dist.generate", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="ckpt-*.pt, or a run directory (its newest checkpoint)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--sketch", help="one scene sketch (PNG); its label map from --label")
+    source.add_argument("--sketch", help="one scene sketch (PNG); its label map from --label or --segmenter")
     source.add_argument("--shards", help="a shard set (dir, brace pattern, comma list): every sample")
     p.add_argument("--label", help="class-index PNG for --sketch (0 = none), the semantic sketch M0")
+    p.add_argument("--segmenter", help="a sketch segmenter's checkpoint (or run directory): predicts M0 "
+                                       "of --sketch, written as <out stem>.label.png")
     p.add_argument("--out", required=True, help="output PNG for one input, output directory for --shards")
     p.add_argument("--seed", type=int, default=0, help="noise seed; z depends on (seed, input index, style)")
     p.add_argument("--num-styles", type=int, default=1, help="images per input, each with its own z")
@@ -203,8 +249,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace, cfg: Config) -> None:
-    if args.shards and args.label:
-        raise InputError("--label goes with --sketch; the samples of --shards carry their own label maps")
+    if args.shards and (args.label or args.segmenter):
+        option = "--label" if args.label else "--segmenter"
+        raise InputError(f"{option} goes with --sketch; the samples of --shards carry their own label maps")
+    if args.label and args.segmenter:
+        raise InputError("--label and --segmenter both give the label map of --sketch: give one")
     for option, value in (("--num-styles", args.num_styles), ("--grid-rows", args.grid_rows),
                           ("--batch-size", args.batch_size)):
         if value < 1:
@@ -226,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     masks = "" if loaded.cfg.model.sfm else " (no SFM masks: model.sfm=false)"
     print(f"wrote {len(written)} image(s) from {loaded.path} (step {loaded.step}) to {args.out}{masks}"
-          + (f"; grid: {args.grid}" if args.grid else ""))
+          + (f"; grid: {args.grid}" if args.grid else "")
+          + (f"; predicted M0: {label_path(Path(args.out))}" if args.segmenter else ""))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""A trained generator from a checkpoint, run deterministically: shared by evaluate and generate.
+"""A trained generator (or sketch segmenter) from a checkpoint, run deterministically: shared
+by evaluate, evaluate_segmenter and generate.
 
 The model is rebuilt from the config the checkpoint itself holds (never from a preset), so
 a checkpoint always gets the architecture it was trained with. G runs in eval mode: its
@@ -21,7 +22,8 @@ from ssgan_dist import checkpoint as ckpt
 from ssgan_dist.config import Config, config_from_dict
 from ssgan_dist.data.schema import onehot
 from ssgan_dist.errors import SetupError
-from ssgan_dist.models import build_generator
+from ssgan_dist.models import build_generator, build_segmenter
+from ssgan_dist.models.segmenter import predict_labels
 
 
 class CheckpointError(SetupError):
@@ -37,35 +39,75 @@ class LoadedGenerator:
     config_hash: str  # sha256 of the checkpoint's config, to tell runs apart in results
 
 
-def find_checkpoint(path: Path) -> Path:
+@dataclass
+class LoadedSegmenter:
+    S: nn.Module
+    cfg: Config
+    step: int
+    path: Path
+
+
+# Per run.task: the network its checkpoint holds, what to call it, and where it is used.
+_TASKS = {"gan": ("G", "generator", "generate and evaluate take it as --checkpoint"),
+          "segmenter": ("S", "sketch segmenter", "generate takes it as --segmenter, evaluate_segmenter as --checkpoint")}
+
+
+def find_checkpoint(path: Path, option: str = "--checkpoint") -> Path:
     """The checkpoint itself, or the newest checkpoint of a run directory."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"--checkpoint: no such file or directory {path}")
+        raise CheckpointError(f"{option}: no such file or directory {path}")
     found = ckpt.list_checkpoints(path) if path.is_dir() else []
     return found[-1] if found else path
 
 
-def load_generator(path: Path, device: torch.device) -> LoadedGenerator:
-    """G in eval mode on ``device``, built from the checkpoint's own config."""
-    path = find_checkpoint(path)
+def _load(path: Path, option: str, task: str) -> tuple[dict, Config, Path, nn.Module]:
+    """(state, config, path, network in eval mode on the CPU) of a checkpoint of ``task``."""
+    net, what, _ = _TASKS[task]
+    path = find_checkpoint(path, option)
     try:
         state = ckpt.load(path)
     except Exception as exc:  # a truncated zip, a foreign pickle, a directory: all unusable
-        raise CheckpointError(f"--checkpoint: {path} cannot be read ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict) or not {"config", "G", "step"} <= state.keys():
-        raise CheckpointError(f"--checkpoint: {path} is not an ssgan-dist checkpoint (no config, G and step)")
+        raise CheckpointError(f"{option}: {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or not {"config", "step"} <= state.keys():
+        raise CheckpointError(f"{option}: {path} is not an ssgan-dist checkpoint (no config, {net} and step)")
+    saved = state["config"].get("run", {}).get("task", "gan")
+    if saved != task:
+        _, other, use = _TASKS[saved]
+        raise CheckpointError(f"{option}: {path} is a {other} checkpoint (run.task={saved}), not a {what}'s "
+                              f"({use})")
+    if net not in state:
+        raise CheckpointError(f"{option}: {path} is not an ssgan-dist checkpoint (no config, {net} and step)")
     try:
         cfg = config_from_dict(state["config"])
     except SetupError as exc:
-        raise CheckpointError(f"--checkpoint: {path} holds a config this version cannot use: {exc}") from None
-    G = build_generator(cfg.model)
+        raise CheckpointError(f"{option}: {path} holds a config this version cannot use: {exc}") from None
+    model = build_generator(cfg.model) if task == "gan" else build_segmenter(cfg.segmenter, cfg.model.num_classes)
     try:
-        G.load_state_dict(state["G"])
+        model.load_state_dict(state[net])
     except RuntimeError as exc:
-        raise CheckpointError(f"--checkpoint: {path}: G's weights do not fit its own config: {exc}") from None
+        raise CheckpointError(f"{option}: {path}: {net}'s weights do not fit its own config: {exc}") from None
+    return state, cfg, path, model.eval()
+
+
+def load_generator(path: Path, device: torch.device) -> LoadedGenerator:
+    """G in eval mode on ``device``, built from the checkpoint's own config."""
+    state, cfg, path, G = _load(path, "--checkpoint", "gan")
     digest = hashlib.sha256(json.dumps(state["config"], sort_keys=True).encode()).hexdigest()[:16]
-    return LoadedGenerator(G.to(device).eval(), cfg, int(state["step"]), path, digest)
+    return LoadedGenerator(G.to(device), cfg, int(state["step"]), path, digest)
+
+
+def load_segmenter(path: Path, device: torch.device, option: str = "--segmenter") -> LoadedSegmenter:
+    """The sketch segmenter S in eval mode on ``device``; ``option`` is named in errors."""
+    state, cfg, path, S = _load(path, option, "segmenter")
+    return LoadedSegmenter(S.to(device), cfg, int(state["step"]), path)
+
+
+@torch.no_grad()
+def run_segmenter(S: nn.Module, sketch: torch.Tensor) -> torch.Tensor:
+    """Predicted M0 [B,H,W] (int64, on S's device) for sketches [B,1,H,W] in [0, 1]: 0 off the strokes."""
+    sketch = sketch.to(next(S.parameters()).device)
+    return predict_labels(S(sketch), sketch)
 
 
 def noise(cfg: Config, seed: int, indices: list[int], style: int = 0) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ssgan_dist.config import Config, ConfigError, ModelConfig, load_config
-from ssgan_dist.models import build_discriminator, build_generator
+from ssgan_dist.models import build_discriminator, build_generator, build_segmenter
 
 BATCH = 2
 
@@ -49,6 +49,15 @@ def count_flops(cfg: Config | ModelConfig) -> dict[str, dict[str, int]]:
     }
     result["total"] = {k: result["generator"][k] + result["discriminator"][k] for k in ("params", "flops")}
     return result
+
+
+def count_segmenter_flops(cfg: Config) -> dict[str, int]:
+    """{"params": n, "flops": forward FLOPs per image} of the sketch segmenter (run.task=segmenter)."""
+    m = cfg.model
+    with torch.device("meta"):
+        s = build_segmenter(cfg.segmenter, m.num_classes)
+        flops = _forward_flops(s, torch.zeros(BATCH, 1, m.image_size, m.image_size)) // BATCH
+    return {"params": _params(s), "flops": flops}
 
 
 def format_table(cfg: Config, counts: dict[str, dict[str, int]]) -> str:

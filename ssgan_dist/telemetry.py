@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 PHASES = ("data_wait", "g_step", "d_step", "optimizer")
 LOSS_TERMS = ("g_gan", "g_fm", "g_vgg", "g_total", "d_hinge")
 NETS = ("G", "D")
+# run.task=segmenter: one network, so one step phase, one loss term and one learning rate.
+SEGMENTER_SERIES = (("data_wait", "s_step", "optimizer"), ("s_ce",), ("S",))
 # Step phases last from ~1 ms (tiny CPU tests, small GPU phases) to tens of seconds (256 px on CPU).
 PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -87,8 +89,12 @@ def train_flops_per_image(cfg: Config) -> float:
     G step: G forward + backward (3 G) and D on fake and real, forward + backward (3 x 2 D);
     D step: D on fake and real again (3 x 2 D). The frozen VGG19 of the perceptual loss is
     not the model and is left out, as MFU conventions leave out such fixed feature nets.
+    A segmenter run (run.task=segmenter) costs 3 forwards of the segmenter.
     """
-    from ssgan_dist.summary import count_flops  # builds G and D on the meta device: only when enabled
+    from ssgan_dist.summary import count_flops, count_segmenter_flops  # meta-device builds: only when enabled
+
+    if cfg.run.task == "segmenter":
+        return 3.0 * count_segmenter_flops(cfg)["flops"]
 
     counts = count_flops(cfg)
     return 3.0 * counts["generator"]["flops"] + 12.0 * counts["discriminator"]["flops"]
@@ -256,16 +262,17 @@ class PrometheusTelemetry(Telemetry):
 
         self._images = metric(Counter, "ssgan_images_trained_total", "Images this rank trained on.").labels(**base)
         self._steps = metric(Counter, "ssgan_steps_total", "Training steps this process finished.").labels(**base)
+        phases, terms, nets = SEGMENTER_SERIES if cfg.run.task == "segmenter" else (PHASES, LOSS_TERMS, NETS)
         phase = metric(Histogram, "ssgan_step_phase_seconds",
                        "Time of each step phase: data_wait, g_step (G forward+backward), d_step (D forward+backward), "
-                       "optimizer (the G and D optimizer steps).",
+                       "optimizer (the G and D optimizer steps); a segmenter run: data_wait, s_step, optimizer.",
                        ("phase",), buckets=PHASE_BUCKETS)
-        self._phases = {p: phase.labels(**base, phase=p) for p in PHASES}
+        self._phases = {p: phase.labels(**base, phase=p) for p in phases}
         self._loss = metric(Gauge, "ssgan_loss", "Loss terms of the last step on this rank.", ("term",))
         self._base = base
-        self._losses = {t: self._loss.labels(**base, term=t) for t in LOSS_TERMS}
+        self._losses = {t: self._loss.labels(**base, term=t) for t in terms}
         lr = metric(Gauge, "ssgan_learning_rate", "Learning rate of each network.", ("net",))
-        self._lrs = {n: lr.labels(**base, net=n) for n in NETS}
+        self._lrs = {n: lr.labels(**base, net=n) for n in nets}
         self._cuda = env.device.type == "cuda"
         # 0 on a CPU device, so that dashboards and alerts see the series on every host.
         self._mem_alloc = metric(Gauge, "ssgan_gpu_memory_allocated_bytes",

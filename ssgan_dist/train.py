@@ -3,7 +3,9 @@
 The Trainer composes its parts, each built by one function: the launcher environment
 (device, backend, rank), G and D, their optimizers, the losses, the data loader and the
 checkpoint manager. One step reads top to bottom: G step with D frozen, D step on the
-detached fakes of that G step, then logging, samples and checkpoints.
+detached fakes of that G step, then logging, samples and checkpoints. ``run.task=segmenter``
+trains the sketch segmenter through the same loop (``segmenter_trainer.SegmenterTrainer``
+overrides the networks, the step and the samples).
 """
 
 from __future__ import annotations
@@ -103,20 +105,31 @@ class StepOutput:
 class Trainer:
     """Owns the parts of one run and the loop over steps."""
 
+    task = "gan"  # the run.task this class trains
+    progress_terms = {"G": "g_total", "D": "d_hinge"}  # progress bar label -> loss term
+
     def __init__(self, cfg: Config, env: DistEnv):
+        if cfg.run.task != self.task:
+            raise ConfigError(f"run.task={cfg.run.task}: {type(self).__name__} trains run.task={self.task}; "
+                              "train.build_trainer picks the Trainer of a task")
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run.dir)
         check_precision(cfg.train.precision, env.device)
         self.telemetry = build_telemetry(cfg, env)  # first: a taken metrics port fails before heavy work
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, env, build_generator(cfg.model), build_discriminator(cfg.model))
-        self.G, self.D = self.engine.g_module, self.engine.d_module
-        self.vgg_loss = build_vgg_loss(cfg, env.device)
+        self.build_networks()
         self.data = training_loader(cfg, env)
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep)
         self.step = 0
         self.skipped_samples = 0
         self.nonfinite_steps = 0
+
+    def build_networks(self) -> None:
+        """G and D in their engine, and the perceptual loss."""
+        self.engine = build_engine(self.cfg, self.env, build_generator(self.cfg.model),
+                                   build_discriminator(self.cfg.model))
+        self.G, self.D = self.engine.g_module, self.engine.d_module
+        self.vgg_loss = build_vgg_loss(self.cfg, self.env.device)
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -133,8 +146,13 @@ class Trainer:
             "telemetry": self.telemetry.state_dict(),
         }
 
+    def check_compatible(self, saved: dict[str, Any], source: Path) -> None:
+        """Refuse a checkpoint of another task or model configuration (``saved``: its config)."""
+        ckpt.check_task(saved, self.task, source)
+        ckpt.check_compatible(saved["model"], self.cfg.model_signature(), source)
+
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        ckpt.check_compatible(state["config"]["model"], self.cfg.model_signature(), source)
+        self.check_compatible(state["config"], source)
         if state["world_size"] != self.env.world_size:
             raise SetupError(
                 f"{source} was written by {state['world_size']} ranks and this run has "
@@ -244,7 +262,7 @@ class Trainer:
                 elapsed = time.perf_counter() - t_window
                 ips = n_window * global_batch / max(elapsed, 1e-9)
                 log.info("step %d  %.1f img/s  %s", self.step, ips, "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-                bar.set_postfix({"img/s": f"{ips:.1f}", "G": f"{losses['g_total']:.3f}", "D": f"{losses['d_hinge']:.3f}"})
+                bar.set_postfix({"img/s": f"{ips:.1f}", **{k: f"{losses[t]:.3f}" for k, t in self.progress_terms.items()}})
                 t_window, n_window = time.perf_counter(), 0
             if self.env.is_main and (self.step % cfg.train.sample_every == 0 or self.step == cfg.train.max_steps):
                 self.save_samples(batch, out)
@@ -271,6 +289,15 @@ class Trainer:
             log.warning("skipped bad sample: %s", reason)
         self.skipped_samples += len(skipped)
         self.telemetry.samples_skipped(len(skipped))
+
+
+def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
+    """The Trainer of run.task: the GAN's, or the sketch segmenter's (same loop, its own step)."""
+    if cfg.run.task == "segmenter":
+        from ssgan_dist.segmenter_trainer import SegmenterTrainer  # a Trainer subclass: imported late
+
+        return SegmenterTrainer(cfg, env)
+    return Trainer(cfg, env)
 
 
 def gather_to_all(env: DistEnv, obj: Any) -> list[Any]:
@@ -310,7 +337,7 @@ def run(cfg: Config, stop_requested: Callable[[], bool] | None = None) -> int:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         log.info("rank %d of %d on %s (%s, %s)", env.rank, env.world_size, env.node, env.device, env.backend)
-        trainer = Trainer(cfg, env)
+        trainer = build_trainer(cfg, env)
         trainer.fit(stop_requested)
         if env.is_main:
             last = ckpt.list_checkpoints(trainer.run_dir)

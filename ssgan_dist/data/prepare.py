@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ssgan_dist.data.schema import STROKE_THRESHOLD
 from ssgan_dist.data.writer import BadSource
-
-STROKE_THRESHOLD = 128  # sketch pixels darker than this are strokes (sketches: dark on white)
 
 
 def _starts(n: int, size: int) -> np.ndarray:

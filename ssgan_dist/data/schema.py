@@ -31,6 +31,8 @@ CLASS_NAMES = (
     "clouds", "grass", "sky", "tree",
 )
 BACKGROUND_CLASSES = (16, 17, 18, 19)
+# Sketch pixels darker than this (8-bit) are strokes: labels live on them, the rest is paper.
+STROKE_THRESHOLD = 128
 
 
 def class_name(index: int) -> str:
@@ -172,6 +174,12 @@ def onehot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
     b, h, w = label.shape
     out = torch.zeros(b, num_classes, h, w, device=label.device)
     return out.scatter_(1, label.long().unsqueeze(1), 1.0)
+
+
+def stroke_mask(sketch: torch.Tensor) -> torch.Tensor:
+    """Stroke pixels of sketches in [0, 1] (8-bit value / 255): the same pixels as
+    ``uint8 < STROKE_THRESHOLD``, the rule the shard writers label by."""
+    return sketch < STROKE_THRESHOLD / 255.0
 
 
 def colorize(label: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -10,6 +10,9 @@ The training loop sees four callables and a few verbs:
   (a non-finite loss anywhere), with the loss scaler when fp16 asks for one;
 * ``state_dict``/``load_state_dict`` for what rank 0 writes, ``save_sharded``/
   ``load_sharded`` for state that every rank must write itself (DeepSpeed's ZeRO shards).
+
+``SegmenterEngine`` offers the same verbs for the sketch segmenter (``run.task=segmenter``),
+one network ``s`` instead of G and D.
 """
 
 from __future__ import annotations
@@ -57,6 +60,29 @@ def prepare_modules(cfg: Config, env: DistEnv, g: nn.Module, d: nn.Module) -> tu
     return g.to(env.device, memory_format=fmt), d.to(env.device, memory_format=fmt)
 
 
+def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
+    """DDP around ``module`` when there is a process group, else the module itself."""
+    if not env.distributed:
+        return module
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    with warnings.catch_warnings():  # broadcast_buffers= is deprecated-but-needed
+        warnings.simplefilter("ignore", FutureWarning)
+        # Buffers (BN statistics, spectral-norm vectors) evolve identically on every
+        # rank from identical weights; broadcasting them each step would be wasted work.
+        return DDP(module, device_ids=ids, broadcast_buffers=False)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, skip: bool) -> None:
+    """Backward (always: every rank joins DDP's gradient all-reduce), then the step unless ``skip``."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if skip:
+        opt.zero_grad(set_to_none=True)
+        return
+    scaler.step(opt)
+    scaler.update()
+
+
 class DDPEngine:
     """torch DDP around G and around D, one Adam and one loss scaler per network."""
 
@@ -64,16 +90,7 @@ class DDPEngine:
 
     def __init__(self, cfg: Config, env: DistEnv, g: nn.Module, d: nn.Module):
         self.g_module, self.d_module = prepare_modules(cfg, env, g, d)
-        if env.distributed:
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            with warnings.catch_warnings():  # broadcast_buffers= is deprecated-but-needed
-                warnings.simplefilter("ignore", FutureWarning)
-                # Buffers (BN statistics, spectral-norm vectors) evolve identically on every
-                # rank from identical weights; broadcasting them each step would be wasted work.
-                self.g = DDP(self.g_module, device_ids=ids, broadcast_buffers=False)
-                self.d = DDP(self.d_module, device_ids=ids, broadcast_buffers=False)
-        else:
-            self.g, self.d = self.g_module, self.d_module
+        self.g, self.d = wrap_ddp(self.g_module, env), wrap_ddp(self.d_module, env)
         self.d_frozen = self.d_module
         self.opt = {"G": adam(cfg, self.g_module.parameters(), cfg.optim.lr_g),
                     "D": adam(cfg, self.d_module.parameters(), cfg.optim.lr_d)}
@@ -82,14 +99,7 @@ class DDPEngine:
         self.scaler = {net: torch.amp.GradScaler(env.device.type, enabled=fp16) for net in ("G", "D")}
 
     def backward_step(self, net: str, loss: torch.Tensor, skip: bool) -> None:
-        opt, scaler = self.opt[net], self.scaler[net]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # always: every rank joins DDP's gradient all-reduce
-        if skip:
-            opt.zero_grad(set_to_none=True)
-            return
-        scaler.step(opt)
-        scaler.update()
+        optimizer_step(self.opt[net], self.scaler[net], loss, skip)
 
     def learning_rates(self) -> dict[str, float]:
         return {net: float(opt.param_groups[0]["lr"]) for net, opt in self.opt.items()}
@@ -111,6 +121,39 @@ class DDPEngine:
 
     def save_sharded(self, directory: Path) -> None:
         """Nothing: DDP's state is whole on every rank and rank 0 writes it."""
+
+    def load_sharded(self, directory: Path) -> None:
+        """Nothing: see save_sharded."""
+
+
+class SegmenterEngine:
+    """The same verbs for the sketch segmenter S alone: DDP around it, one Adam, one scaler."""
+
+    sharded = False
+
+    def __init__(self, cfg: Config, env: DistEnv, s: nn.Module):
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.s_module = s.to(env.device, memory_format=fmt)
+        self.s = wrap_ddp(self.s_module, env)
+        self.opt = torch.optim.Adam(self.s_module.parameters(), lr=cfg.segmenter.lr)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.train.precision == "fp16")
+
+    def backward_step(self, net: str, loss: torch.Tensor, skip: bool) -> None:
+        optimizer_step(self.opt, self.scaler, loss, skip)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"S": float(self.opt.param_groups[0]["lr"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"S": self.s_module.state_dict(), "opt_s": self.opt.state_dict(), "scaler_s": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.s_module.load_state_dict(state["S"])
+        self.opt.load_state_dict(state["opt_s"])
+        self.scaler.load_state_dict(state["scaler_s"])
+
+    def save_sharded(self, directory: Path) -> None:
+        """Nothing: the state is whole on every rank and rank 0 writes it."""
 
     def load_sharded(self, directory: Path) -> None:
         """Nothing: see save_sharded."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ssgan_dist.config import ModelConfig
 from ssgan_dist.models.discriminator import MultiscaleDiscriminator
 from ssgan_dist.models.generator import SSGANGenerator
+from ssgan_dist.models.segmenter import SketchSegmenter, build_segmenter
 from ssgan_dist.models.vgg import VGG19Features, VGGWeightsError, load_vgg19
 
 
@@ -17,6 +18,6 @@ def build_discriminator(cfg: ModelConfig) -> MultiscaleDiscriminator:
 
 
 __all__ = [
-    "MultiscaleDiscriminator", "SSGANGenerator", "VGG19Features", "VGGWeightsError",
-    "build_discriminator", "build_generator", "load_vgg19",
+    "MultiscaleDiscriminator", "SSGANGenerator", "SketchSegmenter", "VGG19Features", "VGGWeightsError",
+    "build_discriminator", "build_generator", "build_segmenter", "load_vgg19",
 ]
