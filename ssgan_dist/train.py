@@ -223,7 +223,8 @@ class Trainer:
         self.telemetry.lap("d_step")
 
         losses = {"g_gan": g_gan, "g_fm": g_fm, "g_vgg": g_vgg, "g_total": g_total, "d_hinge": d_loss}
-        return StepOutput({k: float(v.detach()) for k, v in losses.items()}, fake.detach(), masks,
+        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()  # one device sync
+        return StepOutput(dict(zip(losses, values)), fake.detach(), masks,
                           skipped=skip_g or skip_d)
 
     def save_samples(self, batch: dict[str, Any], out: StepOutput) -> Path:

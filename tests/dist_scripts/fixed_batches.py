@@ -39,6 +39,8 @@ def main() -> None:
         trainer.step += 1
     if env.is_main:
         torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict(), "losses": losses}, out)
+    if env.distributed:
+        torch.distributed.barrier()  # leave together (a lone rank in teardown was seen to hang)
     teardown()
 
 
