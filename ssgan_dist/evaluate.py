@@ -238,29 +238,39 @@ def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any] | None:
         "config_hash": loaded.config_hash, "shards": spec.shards, "image_size": cfg.model.image_size,
         "inception_weights": spec.inception_weights, "world_size": env.world_size,
     }
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def write_record(out: str, record: dict) -> None:
+    """The results JSON, when --out names a file."""
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def run_command(args: argparse.Namespace, run_fn: Callable[[argparse.Namespace, DistEnv], dict | None],
+                table: Callable[[dict], str]) -> int:
+    """An evaluation command on every rank: setup, run, rank 0 prints; exit 2 on a SetupError."""
     env = setup()
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     try:
-        record = run(args, env)
+        record = run_fn(args, env)
     except SetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         teardown()
     if record is not None:
-        print(format_table(record))
+        print(table(record))
         if args.out:
             print(f"results: {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(parse_args(argv), run, format_table)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ are counted but not scored.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -26,8 +25,9 @@ import torch.distributed as dist
 from ssgan_dist.data.ordered import OrderedSamples
 from ssgan_dist.data.schema import BadSample, class_name, stroke_mask
 from ssgan_dist.data.torch_loader import resolve_shards
-from ssgan_dist.distributed.env import DistEnv, setup, teardown
+from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.errors import SetupError
+from ssgan_dist.evaluate import run_command, write_record
 from ssgan_dist.inference import LoadedSegmenter, load_segmenter, run_segmenter
 
 log = logging.getLogger("ssgan_dist.evaluate_segmenter")
@@ -125,29 +125,12 @@ def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any] | None:
     record = {**result, "checkpoint": str(loaded.path), "step": loaded.step, "shards": args.shards,
               "image_size": loaded.cfg.model.image_size, "num_classes": loaded.cfg.model.num_classes,
               "world_size": env.world_size}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record)
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    env = setup()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        record = run(args, env)
-    except SetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        teardown()
-    if record is not None:
-        print(format_table(record))
-        if args.out:
-            print(f"results: {args.out}")
-    return 0
+    return run_command(parse_args(argv), run, format_table)
 
 
 if __name__ == "__main__":
