@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -60,6 +61,23 @@ def prepare_modules(cfg: Config, env: DistEnv, g: nn.Module, d: nn.Module) -> tu
     return g.to(env.device, memory_format=fmt), d.to(env.device, memory_format=fmt)
 
 
+def _blocking_allreduce_hook(_state, bucket):  # unannotated: DDP rejects string annotations here
+    """Average a bucket (a dist.GradBucket) with a blocking all-reduce on the autograd thread.
+
+    gloo runs DDP's default asynchronous bucket all-reduces on its own worker threads while
+    the backward pass goes on and issues the synchronized BatchNorm's collectives; under
+    load that overlap was seen to hang 2-rank CPU runs now and then. Done in place and in
+    backward order, every collective of a step is issued and finished in one order on every
+    rank. Same values as DDP's default hook (sum, then divide by the world size).
+    """
+    grads = bucket.buffer()
+    dist.all_reduce(grads)
+    grads.div_(dist.get_world_size())
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(grads)
+    return future
+
+
 def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
     """DDP around ``module`` when there is a process group, else the module itself."""
     if not env.distributed:
@@ -69,7 +87,10 @@ def wrap_ddp(module: nn.Module, env: DistEnv) -> nn.Module:
         warnings.simplefilter("ignore", FutureWarning)
         # Buffers (BN statistics, spectral-norm vectors) evolve identically on every
         # rank from identical weights; broadcasting them each step would be wasted work.
-        return DDP(module, device_ids=ids, broadcast_buffers=False)
+        wrapped = DDP(module, device_ids=ids, broadcast_buffers=False)
+    if env.backend == "gloo":
+        wrapped.register_comm_hook(None, _blocking_allreduce_hook)
+    return wrapped
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, skip: bool) -> None:
