@@ -8,8 +8,10 @@ runs as rank 0 of 1. All three end in the same process-group init: NCCL on CUDA,
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +91,19 @@ def setup(timeout_s: float = 600.0) -> DistEnv:
     return DistEnv(rank, world, local_rank, socket.gethostname(), device, backend)
 
 
-def teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def teardown(timeout_s: float = 30.0) -> None:
+    """Destroy the process group, waiting at most ``timeout_s``.
+
+    On 2-rank gloo runs under load, a rank whose peer had already destroyed its group and
+    exited was seen (rarely) to block in destroy_process_group after finishing all its work.
+    The work is saved by then; a stuck destroy is left to its daemon thread and the process
+    exits with a warning instead of hanging the launcher.
+    """
+    if not dist.is_initialized():
+        return
+    worker = threading.Thread(target=dist.destroy_process_group, daemon=True, name="pg-teardown")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logging.getLogger(__name__).warning("process group teardown did not finish in %.0f s; exiting without it",
+                                            timeout_s)
