@@ -193,3 +193,18 @@ def test_channels_last_trains_like_contiguous(tmp_path, shards32):
     pa, pb = _params(a), _params(b)
     for k in pa:
         assert torch.allclose(pa[k], pb[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_checkpoint_of_another_world_size_is_refused(tmp_path, shards32):
+    """The data position is per rank: a checkpoint written by 2 ranks cannot resume 1."""
+    from ssgan_dist.errors import SetupError
+
+    run = tmp_path / "run"
+    _trainer(run, shards32, "train.max_steps=1").fit()
+    path = ckpt.list_checkpoints(run)[-1]
+    state = ckpt.load(path)
+    state["world_size"] = 2
+    state["ranks"] = state["ranks"] * 2
+    torch.save(state, path)
+    with pytest.raises(SetupError, match="written by 2 ranks"):
+        _trainer(run, shards32, "train.max_steps=2").maybe_resume()
