@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ssgan_dist.config import load_config  # noqa: E402
 from ssgan_dist.data.dali_loader import build_dali_loader, dali_available  # noqa: E402
-from ssgan_dist.data.torch_loader import build_torch_loader, resolve_shards  # noqa: E402
+from ssgan_dist.data.shards import resolve_shards  # noqa: E402
+from ssgan_dist.data.torch_loader import build_torch_loader  # noqa: E402
 from ssgan_dist.data.writer import build_synthetic_shards  # noqa: E402
 from ssgan_dist.distributed.env import setup  # noqa: E402
 from ssgan_dist.train import Trainer  # noqa: E402

@@ -26,6 +26,7 @@ from prometheus_client import generate_latest
 
 from ssgan_dist.config import load_config
 from ssgan_dist.distributed.env import DistEnv, setup
+from ssgan_dist.tasks.gan import SERIES
 from ssgan_dist.telemetry import PrometheusTelemetry, Telemetry
 
 LOSSES = {"g_gan": 0.5, "g_fm": 1.5, "g_vgg": 0.0, "g_total": 2.0, "d_hinge": 1.9}
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     step = demo_step_seconds(args.steps, args.run_dir)
     cfg = load_config("demo", ["metrics.enabled=true", "metrics.port=0", "run.name=bench"])
     env = DistEnv(0, 1, 0, "bench", torch.device("cpu"), "gloo")
-    exporter = PrometheusTelemetry(cfg, env)
+    exporter = PrometheusTelemetry(cfg.metrics, env, job=cfg.run.name, series=SERIES, flops_per_image=1e9,
+                                   precision=cfg.train.precision)
     try:
         off = calls_seconds(Telemetry(), args.calls)
         on = calls_seconds(exporter, args.calls)

@@ -13,8 +13,8 @@ steps after warm-up, split by telemetry's PhaseTimer into data_wait / g_step / d
 optimizer. Peak memory is the rise above the memory held before a timed step (weights,
 optimizer state): on CUDA from the allocator; on CPU from the kernel's peak-RSS counter,
 reset before the timed steps, with every large allocation mmap'ed so that freed memory
-leaves the RSS. MFU = counted model FLOPs per image (summary.count_flops, backward = 2x
-forward) x images/s / the device's peak.
+leaves the RSS. MFU = counted model FLOPs per image (tasks.gan.GANTask.flops_per_image:
+summary.count_flops, backward = 2x forward) x images/s / the device's peak.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def worker(args: argparse.Namespace) -> dict:
     from ssgan_dist.data.writer import build_synthetic_shards
     from ssgan_dist.distributed.env import setup
     from ssgan_dist.summary import count_flops
-    from ssgan_dist.telemetry import PhaseTimer, Telemetry, peak_flops, train_flops_per_image
+    from ssgan_dist.tasks.gan import GANTask
+    from ssgan_dist.telemetry import PhaseTimer, Telemetry, peak_flops
     from ssgan_dist.train import Trainer
 
     torch.set_num_threads(args.threads)
@@ -141,8 +142,8 @@ def worker(args: argparse.Namespace) -> dict:
     if args.measure == "memory":
         return {"peak_step_memory_bytes": peak}
     images = args.steps * cfg.train.batch_size
-    flops = train_flops_per_image(cfg)
-    device_peak = peak_flops(cfg, env.device) if cuda else cpu_matmul_peak(args.threads)
+    flops = GANTask.flops_per_image(cfg)
+    device_peak = peak_flops(cfg.metrics, cfg.train.precision, env.device) if cuda else cpu_matmul_peak(args.threads)
     counts = count_flops(cfg)
     return {
         "variant": args.variant, "config": args.config, "image_size": size, "batch": cfg.train.batch_size,

@@ -12,21 +12,18 @@ and falls back to the previous checkpoint, with a warning, when the newest is un
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
-import tempfile
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from ssgan_dist.distributed.collectives import barrier
+from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.errors import SetupError
-
-if TYPE_CHECKING:
-    from ssgan_dist.distributed.engines import Engine
-    from ssgan_dist.distributed.env import DistEnv
+from ssgan_dist.files import atomic_dir, atomic_write, remove
 
 log = logging.getLogger(__name__)
 
@@ -52,45 +49,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save, whole or not at all (files.atomic_write)."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The state of a checkpoint file or of a sharded checkpoint directory."""
     path = Path(path)
     return torch.load(path / STATE_FILE if path.is_dir() else path, map_location=map_location, weights_only=True)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 class CheckpointManager:
@@ -100,29 +67,25 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.keep = keep
 
-    def save(self, step: int, state: dict[str, Any], env: "DistEnv", engine: "Engine") -> Path:
-        """Called on every rank; rank 0 writes the state, every rank its shards if any."""
-        path = checkpoint_path(self.run_dir, step, sharded=engine.sharded)
-        if engine.sharded:
-            tmp = self.run_dir / f".{path.name}.tmp"
-            if env.is_main:
-                _remove(tmp)
-                tmp.mkdir(parents=True)
-            _barrier()
-            engine.save_sharded(tmp)
-            _barrier()
-            if env.is_main:
-                save_atomic(state, tmp / STATE_FILE)
-                _remove(path)
-                os.replace(tmp, path)
-                _fsync_dir(self.run_dir)
+    def save(self, step: int, state: dict[str, Any], env: DistEnv,
+             save_shards: Callable[[Path], None] | None = None) -> Path:
+        """Called on every rank; rank 0 writes ``state``. With ``save_shards`` (state sharded
+        over ranks) the checkpoint is a directory into which every rank first writes its part."""
+        path = checkpoint_path(self.run_dir, step, sharded=save_shards is not None)
+        if save_shards is not None:
+            tmp = self.run_dir / f".{path.name}.tmp"  # a fixed name: every rank writes into it
+            with atomic_dir(path, temp=tmp) if env.is_main else nullcontext(tmp):
+                barrier()  # the directory exists before any rank writes into it
+                save_shards(tmp)
+                barrier()
+                if env.is_main:
+                    save_atomic(state, tmp / STATE_FILE)
         elif env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_atomic(state, path)
         if env.is_main:
             for old in list_checkpoints(self.run_dir)[: -self.keep]:
-                _remove(old)
-        _barrier()  # nobody reads or prunes a checkpoint another rank is still writing
+                remove(old)
+        barrier()  # nobody reads or prunes a checkpoint another rank is still writing
         return path
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
@@ -144,15 +107,16 @@ def check_task(saved_config: dict[str, Any], task: str, source: Path | str) -> N
                                  "give this run its own run.dir")
 
 
-def check_compatible(saved: dict[str, Any], expected: dict[str, Any], source: Path | str,
-                     prefix: str = "model.") -> None:
-    """Refuse a checkpoint whose model settings differ, naming every differing key (``prefix`` + key)."""
+def check_compatible(saved: dict[str, Any], expected: dict[str, Any], source: Path | str) -> None:
+    """Refuse a checkpoint whose signature (a task's dotted settings, see tasks) differs from
+    this run's, naming every differing key."""
     diffs = [
-        f"{prefix}{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}"
+        f"{k}: checkpoint {saved.get(k)!r}, config {expected.get(k)!r}"
         for k in sorted(set(saved) | set(expected))
-        if saved.get(k) != expected.get(k) and k != "sync_bn"
+        if saved.get(k) != expected.get(k)
     ]
     if diffs:
         raise CheckpointMismatch(
             f"{source} was made with another model configuration: " + "; ".join(diffs)
         )
+

@@ -18,9 +18,12 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from ssgan_dist.errors import SetupError
+from ssgan_dist.labels import BACKGROUND_CLASSES
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "demo"
+# model.num_upsampling -> x2 upsamplings of the generator: image_size is 2^n times its start size.
+NUM_UPSAMPLING = {"normal": 5, "more": 6, "most": 7}
 
 
 class ConfigError(SetupError):
@@ -38,7 +41,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     num_classes: int = 20  # label channels C, index 0 = no label
-    background_classes: list[int] = field(default_factory=lambda: [16, 17, 18, 19])
+    background_classes: list[int] = field(default_factory=lambda: list(BACKGROUND_CLASSES))
     image_size: int = 256
     ngf: int = 64
     ndf: int = 64
@@ -155,10 +158,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def model_signature(self) -> dict[str, Any]:
-        """The settings that fix parameter shapes: a checkpoint must match them to load."""
-        return dataclasses.asdict(self.model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,7 +291,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def validate(cfg: Config) -> None:
     """Cross-field checks that a single field's type cannot express."""
     m = cfg.model
-    n_up = {"normal": 5, "more": 6, "most": 7}[m.num_upsampling]
+    n_up = NUM_UPSAMPLING[m.num_upsampling]
     if m.image_size % (2**n_up) != 0:
         raise ConfigError(
             f"model.image_size: {m.image_size} is not a multiple of {2**n_up} "
@@ -330,11 +329,16 @@ def validate(cfg: Config) -> None:
     if cfg.metrics.peak_flops < 0 or cfg.metrics.linger_s < 0:
         raise ConfigError("metrics.peak_flops and metrics.linger_s: must be 0 or more")
     if cfg.run.task == "segmenter":
-        validate_segmenter(cfg)
+        _validate_segmenter(cfg)
 
 
-def validate_segmenter(cfg: Config) -> None:
-    """What a segmenter run needs; GAN-only features are refused rather than ignored."""
+def _validate_segmenter(cfg: Config) -> None:
+    """What a segmenter run needs; GAN-only features are refused rather than ignored.
+
+    Here, not in tasks/segmenter.py: every command that loads a config must refuse these
+    before any work (the SLURM submitter before queueing, evaluation when it reads a
+    checkpoint's config), and neither may import the training tasks.
+    """
     s = cfg.segmenter
     if s.width < 1 or s.levels < 1 or not s.dilations or min(s.dilations) < 1 or s.lr <= 0:
         raise ConfigError("segmenter.width, segmenter.levels, segmenter.dilations (non-empty) and segmenter.lr: "
@@ -345,7 +349,7 @@ def validate_segmenter(cfg: Config) -> None:
     refused = {"engine.name=deepspeed": (cfg.engine.name == "deepspeed", "use engine.name=ddp"),
                "train.grad_checkpoint=true": (cfg.train.grad_checkpoint, "the segmenter is small"),
                f"eval.every={cfg.eval.every}": (cfg.eval.every > 0, "evaluate its checkpoints with "
-                                                "python -m ssgan_dist.evaluate_segmenter")}
+                                                "python -m ssgan_dist.evaluation.evaluate_segmenter")}
     for setting, (on, hint) in refused.items():
         if on:
             raise ConfigError(f"{setting}: not available with run.task=segmenter; {hint}")

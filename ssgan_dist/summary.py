@@ -1,11 +1,14 @@
-"""Parameter counts and forward FLOPs of G and D for a config.
+"""Parameter counts and forward FLOPs per image of a config's networks.
 
-    python -m ssgan_dist.summary [--config NAME|PATH] [key=value ...] [--json]
+G and D, or the sketch segmenter for ``run.task=segmenter``:
+
+    python -m ssgan_dist.summary [--config NAME|PATH] [key=value ...] [--json]   (or ssgan-summary)
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2
 FLOPs) on the meta device, so nothing is computed or allocated and the 256x256 model is
 summarized in a second. They are per image: a batch of 2 divided by 2. G is one forward
-from M0 (and z); D is one forward on one image (concat(M0, image)), all scales.
+from M0 (and z); D is one forward on one image (concat(M0, image)), all scales; the
+segmenter one forward on one sketch.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ssgan_dist.config import Config, ConfigError, ModelConfig, load_config
+from ssgan_dist.config import Config, ModelConfig, SegmenterConfig, load_config
 from ssgan_dist.models import build_discriminator, build_generator, build_segmenter
+from ssgan_dist.shell import command_name, run_cli
 
 BATCH = 2
 
@@ -51,20 +55,29 @@ def count_flops(cfg: Config | ModelConfig) -> dict[str, dict[str, int]]:
     return result
 
 
-def count_segmenter_flops(cfg: Config) -> dict[str, int]:
+def count_segmenter_flops(segmenter: SegmenterConfig, num_classes: int, image_size: int) -> dict[str, int]:
     """{"params": n, "flops": forward FLOPs per image} of the sketch segmenter (run.task=segmenter)."""
-    m = cfg.model
     with torch.device("meta"):
-        s = build_segmenter(cfg.segmenter, m.num_classes)
-        flops = _forward_flops(s, torch.zeros(BATCH, 1, m.image_size, m.image_size)) // BATCH
+        s = build_segmenter(segmenter, num_classes)
+        flops = _forward_flops(s, torch.zeros(BATCH, 1, image_size, image_size)) // BATCH
     return {"params": _params(s), "flops": flops}
 
 
+def summarize(cfg: Config) -> dict[str, dict[str, int]]:
+    """The counts of the networks ``cfg``'s run.task trains."""
+    if cfg.run.task == "segmenter":
+        return {"segmenter": count_segmenter_flops(cfg.segmenter, cfg.model.num_classes, cfg.model.image_size)}
+    return count_flops(cfg.model)
+
+
 def format_table(cfg: Config, counts: dict[str, dict[str, int]]) -> str:
-    m = cfg.model
+    m, s = cfg.model, cfg.segmenter
+    if cfg.run.task == "segmenter":
+        settings = f"width={s.width}, levels={s.levels}, dilations={s.dilations}"
+    else:
+        settings = f"ngf={m.ngf}, ndf={m.ndf}, sfm={m.sfm}, use_z={m.use_z}, upsampling={m.num_upsampling}"
     lines = [
-        f"image {m.image_size}x{m.image_size}, C={m.num_classes}, ngf={m.ngf}, ndf={m.ndf}, "
-        f"sfm={m.sfm}, use_z={m.use_z}, upsampling={m.num_upsampling}",
+        f"image {m.image_size}x{m.image_size}, C={m.num_classes}, {settings}",
         f"{'network':<14}{'params':>14}{'GFLOPs/image':>14}",
     ]
     for name, row in counts.items():
@@ -74,19 +87,19 @@ def format_table(cfg: Config, counts: dict[str, dict[str, int]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssgan_dist.summary", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=command_name("ssgan_dist.summary"), description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=None, help="preset name or YAML path (default: demo)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. model.sfm=false")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> int:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    counts = count_flops(cfg)
-    print(json.dumps(counts, indent=2) if args.json else format_table(cfg, counts))
-    return 0
+        counts = summarize(cfg)
+        print(json.dumps(counts, indent=2) if args.json else format_table(cfg, counts))
+        return 0
+
+    return run_cli(command)
 
 
 if __name__ == "__main__":

@@ -16,30 +16,23 @@ not look like a dead rank while a crashed one does.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from ssgan_dist.config import Config
+from ssgan_dist.config import MetricsConfig
+from ssgan_dist.distributed.collectives import gather_to_all
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.errors import SetupError
+from ssgan_dist.files import write_json
 
 log = logging.getLogger(__name__)
-
-PHASES = ("data_wait", "g_step", "d_step", "optimizer")
-LOSS_TERMS = ("g_gan", "g_fm", "g_vgg", "g_total", "d_hinge")
-NETS = ("G", "D")
-# run.task=segmenter: one network, so one step phase, one loss term and one learning rate.
-SEGMENTER_SERIES = (("data_wait", "s_step", "optimizer"), ("s_ce",), ("S",))
 # Step phases last from ~1 ms (tiny CPU tests, small GPU phases) to tens of seconds (256 px on CPU).
 PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -57,6 +50,21 @@ CPU_PEAK_FLOPS = 1.0e11
 
 
 @dataclass(frozen=True)
+class MetricSeries:
+    """The label values a task's metrics take, fixed at start (no high-cardinality labels):
+    its step phases (lapped by its step), loss terms and networks."""
+
+    step_phases: tuple[str, ...]
+    terms: tuple[str, ...]
+    nets: tuple[str, ...]
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """Every phase of a step: waiting for the batch, the task's own, the optimizer steps."""
+        return ("data_wait", *self.step_phases, "optimizer")
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """One rank's exporter as the others learn of it (or why it could not start)."""
     rank: int
@@ -70,34 +78,17 @@ class Endpoint:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def peak_flops(cfg: Config, device: torch.device) -> float | None:
-    """metrics.peak_flops, else the table's value for this device and precision; None if unknown."""
-    if cfg.metrics.peak_flops > 0:
-        return cfg.metrics.peak_flops
+def peak_flops(metrics: MetricsConfig, precision: str, device: torch.device) -> float | None:
+    """metrics.peak_flops, else the table's value for this device and train.precision; None if unknown."""
+    if metrics.peak_flops > 0:
+        return metrics.peak_flops
     if device.type != "cuda":
         return CPU_PEAK_FLOPS
     name = torch.cuda.get_device_name(device)
     for key, by_precision in GPU_PEAK_FLOPS:
         if key in name:
-            return by_precision[cfg.train.precision]
+            return by_precision[precision]
     return None
-
-
-def train_flops_per_image(cfg: Config) -> float:
-    """Model FLOPs one trained image costs: forward counts from summary.count_flops, backward = 2x forward.
-
-    G step: G forward + backward (3 G) and D on fake and real, forward + backward (3 x 2 D);
-    D step: D on fake and real again (3 x 2 D). The frozen VGG19 of the perceptual loss is
-    not the model and is left out, as MFU conventions leave out such fixed feature nets.
-    A segmenter run (run.task=segmenter) costs 3 forwards of the segmenter.
-    """
-    from ssgan_dist.summary import count_flops, count_segmenter_flops  # meta-device builds: only when enabled
-
-    if cfg.run.task == "segmenter":
-        return 3.0 * count_segmenter_flops(cfg)["flops"]
-
-    counts = count_flops(cfg)
-    return 3.0 * counts["generator"]["flops"] + 12.0 * counts["discriminator"]["flops"]
 
 
 def launcher_restarts() -> int:
@@ -105,14 +96,14 @@ def launcher_restarts() -> int:
     return sum(int(os.environ.get(k, "0") or 0) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
-def targets_path(cfg: Config) -> Path | None:
-    """Where rank 0 writes the file_sd targets: metrics.file_sd, or <dir>/<run.name>.json for a directory."""
-    value = cfg.metrics.file_sd
+def targets_path(metrics: MetricsConfig, job: str) -> Path | None:
+    """Where rank 0 writes the file_sd targets: metrics.file_sd, or <dir>/<job>.json for a directory."""
+    value = metrics.file_sd
     if not value:
         return None
     path = Path(value)
     if value.endswith(os.sep) or path.is_dir():
-        return path / f"{cfg.run.name}.json"
+        return path / f"{job}.json"
     return path
 
 
@@ -120,12 +111,8 @@ def write_targets(path: Path, endpoints: list[Endpoint], job: str) -> None:
     """Atomically replace ``path`` with one file_sd target group per rank (Prometheus may read it any time)."""
     groups = [{"targets": [e.target], "labels": {"job": job, "rank": str(e.rank), "node": e.node}}
               for e in sorted(endpoints, key=lambda e: e.rank)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(groups, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from a Prometheus running as its own user
-    os.replace(tmp, path)
+    # 0644: files.py's default 0600 would hide the file from a Prometheus running as its own user.
+    write_json(path, groups, permissions=0o644)
 
 
 class PhaseTimer:
@@ -217,7 +204,7 @@ class Telemetry:
         """Start timing a step (before waiting for its batch)."""
 
     def lap(self, phase: str) -> None:
-        """End the current phase of the step: data_wait, g_step or d_step (see PhaseTimer)."""
+        """End the current phase of the step: data_wait or one of the task's step phases (see PhaseTimer)."""
 
     def end_step(self, images: int, losses: Mapping[str, float], lrs: Mapping[str, float],
                  skipped: bool = False) -> None:
@@ -244,17 +231,18 @@ class Telemetry:
 class PrometheusTelemetry(Telemetry):
     """The exporter of one rank; construction is collective when the process group is up."""
 
-    def __init__(self, cfg: Config, env: DistEnv, flops_per_image: float | None = None):
+    def __init__(self, metrics: MetricsConfig, env: DistEnv, *, job: str, series: MetricSeries,
+                 flops_per_image: float, precision: str):
         # Imported here so a run without metrics never loads the client.
         import prometheus_client as pc
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
         super().__init__()
         pc.disable_created_metrics()  # one *_created series per counter doubles the series for nothing
-        self.cfg, self.env = cfg, env
+        self.metrics, self.env, self.job = metrics, env, job
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process RSS and CPU: the memory panel on CPU hosts
-        base = {"job": cfg.run.name, "rank": str(env.rank), "node": env.node}
+        base = {"job": job, "rank": str(env.rank), "node": env.node}
         names = tuple(base)
 
         def metric(kind: Any, name: str, doc: str, extra: tuple[str, ...] = (), **kw: Any) -> Any:
@@ -262,25 +250,24 @@ class PrometheusTelemetry(Telemetry):
 
         self._images = metric(Counter, "ssgan_images_trained_total", "Images this rank trained on.").labels(**base)
         self._steps = metric(Counter, "ssgan_steps_total", "Training steps this process finished.").labels(**base)
-        phases, terms, nets = SEGMENTER_SERIES if cfg.run.task == "segmenter" else (PHASES, LOSS_TERMS, NETS)
         phase = metric(Histogram, "ssgan_step_phase_seconds",
                        "Time of each step phase: data_wait, g_step (G forward+backward), d_step (D forward+backward), "
                        "optimizer (the G and D optimizer steps); a segmenter run: data_wait, s_step, optimizer.",
                        ("phase",), buckets=PHASE_BUCKETS)
-        self._phases = {p: phase.labels(**base, phase=p) for p in phases}
+        self._phases = {p: phase.labels(**base, phase=p) for p in series.phases}
         self._loss = metric(Gauge, "ssgan_loss", "Loss terms of the last step on this rank.", ("term",))
         self._base = base
-        self._losses = {t: self._loss.labels(**base, term=t) for t in terms}
+        self._losses = {t: self._loss.labels(**base, term=t) for t in series.terms}
         lr = metric(Gauge, "ssgan_learning_rate", "Learning rate of each network.", ("net",))
-        self._lrs = {n: lr.labels(**base, net=n) for n in nets}
+        self._lrs = {n: lr.labels(**base, net=n) for n in series.nets}
         self._cuda = env.device.type == "cuda"
         # 0 on a CPU device, so that dashboards and alerts see the series on every host.
         self._mem_alloc = metric(Gauge, "ssgan_gpu_memory_allocated_bytes",
                                  "CUDA memory held by tensors (0 without a GPU).").labels(**base)
         self._mem_peak = metric(Gauge, "ssgan_gpu_memory_peak_bytes",
                                 "Peak CUDA memory held by tensors since start (0 without a GPU).").labels(**base)
-        self._peak = peak_flops(cfg, env.device)
-        self._flops = train_flops_per_image(cfg) if flops_per_image is None else flops_per_image
+        self._peak = peak_flops(metrics, precision, env.device)
+        self._flops = flops_per_image
         if self._peak is None:
             log.warning("MFU not exported: no peak FLOP/s known for %s; set metrics.peak_flops",
                         torch.cuda.get_device_name(env.device))
@@ -313,35 +300,31 @@ class PrometheusTelemetry(Telemetry):
         """Start this rank's server, learn every rank's endpoint, fail together if any failed."""
         from prometheus_client import start_http_server
 
-        cfg, env = self.cfg.metrics, self.env
-        port = cfg.port + env.local_rank if cfg.port else 0
-        host = env.node if cfg.addr in ("", "0.0.0.0", "::") else cfg.addr
+        m, env = self.metrics, self.env
+        port = m.port + env.local_rank if m.port else 0
+        host = env.node if m.addr in ("", "0.0.0.0", "::") else m.addr
         error = ""
         if port > 65535:
-            error = f"metrics.port: {cfg.port} + local rank {env.local_rank} is past 65535"
+            error = f"metrics.port: {m.port} + local rank {env.local_rank} is past 65535"
         else:
             try:
-                self._server, _ = start_http_server(port, addr=cfg.addr, registry=self.registry)
+                self._server, _ = start_http_server(port, addr=m.addr, registry=self.registry)
                 port = self._server.server_port
             except OSError as exc:
-                error = (f"metrics.port: rank {env.rank} cannot serve metrics on {cfg.addr}:{port} of {env.node} "
-                         f"(metrics.port={cfg.port} + local rank {env.local_rank}): {exc.strerror or exc}. "
+                error = (f"metrics.port: rank {env.rank} cannot serve metrics on {m.addr}:{port} of {env.node} "
+                         f"(metrics.port={m.port} + local rank {env.local_rank}): {exc.strerror or exc}. "
                          "Another run on this machine probably holds it: give this run another metrics.port "
                          "(each rank uses metrics.port + its local rank), or metrics.port=0 to let every rank "
                          "pick a free port (listed in metrics.file_sd).")
         mine = Endpoint(env.rank, env.node, host, port, error)
-        endpoints = [mine]
-        if env.distributed and dist.is_initialized():
-            gathered: list[Any] = [None] * env.world_size
-            dist.all_gather_object(gathered, mine)  # every rank learns of every failure: none waits forever
-            endpoints = gathered
+        endpoints = gather_to_all(mine)  # every rank learns of every failure: none waits forever
         errors = [e.error for e in endpoints if e.error]
         if errors:
             self._shutdown()
             raise SetupError(mine.error or errors[0])
         log.info("metrics: rank %d serves http://%s/metrics", env.rank, mine.target)
-        if env.is_main and (path := targets_path(self.cfg)) is not None:
-            write_targets(path, endpoints, self.cfg.run.name)
+        if env.is_main and (path := targets_path(self.metrics, self.job)) is not None:
+            write_targets(path, endpoints, self.job)
             self._targets = path
             log.info("metrics: Prometheus file_sd targets of %d ranks in %s", len(endpoints), path)
 
@@ -400,8 +383,8 @@ class PrometheusTelemetry(Telemetry):
 
     def close(self) -> None:
         """Serve metrics.linger_s more (the last scrape), withdraw the targets, stop serving."""
-        if self.cfg.metrics.linger_s > 0:
-            time.sleep(self.cfg.metrics.linger_s)
+        if self.metrics.linger_s > 0:
+            time.sleep(self.metrics.linger_s)
         if self._targets is not None:
             self._targets.unlink(missing_ok=True)
             self._targets = None
@@ -409,6 +392,12 @@ class PrometheusTelemetry(Telemetry):
         self._timer.close()
 
 
-def build_telemetry(cfg: Config, env: DistEnv) -> Telemetry:
-    """The exporter when metrics.enabled, else the do-nothing base."""
-    return PrometheusTelemetry(cfg, env) if cfg.metrics.enabled else Telemetry()
+def build_telemetry(metrics: MetricsConfig, env: DistEnv, *, job: str, series: MetricSeries,
+                    flops_per_image: Callable[[], float], precision: str) -> Telemetry:
+    """The exporter when metrics.enabled, else the do-nothing base. ``flops_per_image`` (the
+    task's model FLOPs per trained image, for MFU) is asked only then: counting builds the
+    networks on the meta device."""
+    if not metrics.enabled:
+        return Telemetry()
+    return PrometheusTelemetry(metrics, env, job=job, series=series, flops_per_image=flops_per_image(),
+                               precision=precision)

@@ -44,4 +44,4 @@ def test_raise_stops_naming_shard_and_key(tmp_path, loader, kind):
     if expected is BadSample:
         assert BAD_KEY in str(err.value) and shard in str(err.value)
     else:
-        assert "shards/build.py verify" in str(err.value)
+        assert "ssgan_dist.data.build verify" in str(err.value)

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from badsamples import BAD_KEY, KINDS, write_bad_shards
-from ssgan_dist.data import dali_loader, sources
+from ssgan_dist.data import dali_loader, loaders
 from ssgan_dist.data.schema import BadSample, encode_sample
+from ssgan_dist.data.shards import resolve_shards
 from ssgan_dist.data.synthetic import make_scene
-from ssgan_dist.data.torch_loader import build_torch_loader, resolve_shards
+from ssgan_dist.data.torch_loader import build_torch_loader
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.errors import SetupError
 
@@ -156,7 +157,7 @@ def test_bad_samples_are_skipped_or_raised_with_shard_and_key(tmp_path, kind):
 def test_undecodable_image_stops_with_a_pointer_to_verify(tmp_path, on_error):
     write_bad_shards(tmp_path, "undecodable")
     loader = _dali(tmp_path, batch=2, on_error=on_error)
-    with pytest.raises(SetupError, match="shards/build.py verify") as err:
+    with pytest.raises(SetupError, match="ssgan_dist.data.build verify") as err:
         for _ in range(4):
             next(loader)
     assert "data.loader=torch" in str(err.value)
@@ -173,8 +174,8 @@ def test_missing_dali_says_how_to_install(shards32, monkeypatch):
     ("torch", "cuda", True, "torch"), ("dali", "cpu", True, "dali"),
 ])
 def test_choose_loader(monkeypatch, choice, device, installed, want):
-    monkeypatch.setattr(sources, "dali_available", lambda: installed)
-    kind, why = sources.choose_loader(choice, torch.device(device))
+    monkeypatch.setattr(loaders, "dali_available", lambda: installed)
+    kind, why = loaders.choose_loader(choice, torch.device(device))
     assert kind == want and why.startswith(f"data.loader={choice}")
 
 
@@ -197,6 +198,6 @@ def test_training_resumes_exactly_with_dali(tmp_path, shards32):
     resumed = trainer("b", 6)
     resumed.fit()
     assert resumed.step == 6
-    for name, a, b in [("G", straight.G, resumed.G), ("D", straight.D, resumed.D)]:
+    for name, a, b in [("G", straight.task.G, resumed.task.G), ("D", straight.task.D, resumed.task.D)]:
         for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(x, y), f"{name}.{key}"

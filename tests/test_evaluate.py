@@ -21,10 +21,10 @@ from conftest import tiny_config
 from ssgan_dist.config import ConfigError
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.distributed.env import setup
-from ssgan_dist.evaluate import main
-from ssgan_dist.fid import feature_stats, frechet_distance, stats_key
-from ssgan_dist.inception import InceptionWeightsError, _fidelity_inception_class, load_inception
-from ssgan_dist.ssim import ssim
+from ssgan_dist.evaluation.evaluate import main
+from ssgan_dist.evaluation.fid import feature_stats, frechet_distance, stats_key
+from ssgan_dist.evaluation.inception import InceptionWeightsError, _fidelity_inception_class, load_inception
+from ssgan_dist.evaluation.ssim import ssim
 from ssgan_dist.train import Trainer
 
 # scripts/setup.sh installs it (--no-deps); a machine without it still runs the pure-math tests.
@@ -235,7 +235,7 @@ def test_evaluate_under_torchrun_matches_one_process(tmp_path, trained_checkpoin
     for n in (1, 2):
         out = tmp_path / f"r{n}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-               "-m", "ssgan_dist.evaluate", *map(str, common), "--out", str(out)]
+               "-m", "ssgan_dist.evaluation.evaluate", *map(str, common), "--out", str(out)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[n] = json.loads(out.read_text())
@@ -253,7 +253,7 @@ def test_trainer_evaluates_every_n_steps(tmp_path, shards32, inception_weights):
     trainer = Trainer(cfg, setup())
     trainer.fit()
     assert trainer.last_eval["samples"] == 4 and trainer.last_eval["fid"] > 0
-    assert trainer.G.training  # back in training mode after the evaluation
+    assert trainer.task.G.training  # back in training mode after the evaluation
     assert (tmp_path / "cache" / "fid-stats").is_dir()
 
 
@@ -264,7 +264,8 @@ def test_eval_every_without_its_inputs_is_a_config_error(tmp_path, shards32):
 
 def test_evaluate_cli_missing_weights_is_exit_2_naming_the_path(tmp_path, trained_checkpoint, shards32):
     missing = tmp_path / "absent" / "pt_inception-2015-12-05-6726825d.pth"
-    proc = subprocess.run([sys.executable, "-m", "ssgan_dist.evaluate", "--checkpoint", str(trained_checkpoint),
+    proc = subprocess.run([sys.executable, "-m", "ssgan_dist.evaluation.evaluate",
+                           "--checkpoint", str(trained_checkpoint),
                            "--shards", str(shards32), "--inception-weights", str(missing)],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 from badsamples import BAD_KEY, KINDS, write_bad_shards
-from ssgan_dist.data.build_cli import main
+from ssgan_dist.data.build import main
 from ssgan_dist.data.schema import decode_sample
 from ssgan_dist.data.synthetic import make_scene
 from ssgan_dist.data.tarindex import index_path, read_index, scan_tar, write_index
@@ -138,10 +138,12 @@ def test_verify_checks_the_manifest_index_and_tars(tmp_path, capsys):
     assert main(["verify", str(tmp_path), "--size", str(SIZE), "--num-classes", "20"]) == 1
 
 
-def test_the_wrapper_runs_from_a_checkout(tmp_path):
-    """shards/build.py works without installing the package (exit status: 0 ok, 1 problems)."""
-    script = Path(__file__).resolve().parent.parent / "shards" / "build.py"
+def test_the_module_command_runs_from_anywhere(tmp_path):
+    """``python -m ssgan_dist.data.build`` (exit status: 0 ok, 1 problems), its --help named as typed."""
     write_bad_shards(tmp_path, "class")
-    run = subprocess.run([sys.executable, str(script), "verify", str(tmp_path), "--workers", "1"],
+    run = subprocess.run([sys.executable, "-m", "ssgan_dist.data.build", "verify", str(tmp_path), "--workers", "1"],
                          capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 1 and f"BAD bad sample '{BAD_KEY}'" in run.stdout, run.stderr
+    usage = subprocess.run([sys.executable, "-m", "ssgan_dist.data.build", "--help"], capture_output=True, text=True,
+                           cwd=tmp_path, env={"PATH": "/usr/bin:/bin"}).stdout
+    assert usage.startswith("usage: python -m ssgan_dist.data.build ")

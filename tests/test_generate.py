@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from ssgan_dist.data.writer import build_synthetic_shards
-from ssgan_dist.generate import main
+from ssgan_dist.evaluation.generate import main
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys, trained_checkpoint, shard
 def test_cli_exit_code_and_no_traceback(tmp_path, trained_checkpoint, inputs):
     sketch, label = inputs
     bad = _label_png(tmp_path / "l.png", np.full((32, 32), 200, np.uint8))
-    proc = subprocess.run([sys.executable, "-m", "ssgan_dist.generate", "--checkpoint", str(trained_checkpoint),
+    proc = subprocess.run([sys.executable, "-m", "ssgan_dist.evaluation.generate",
+                           "--checkpoint", str(trained_checkpoint),
                            "--sketch", str(sketch), "--label", str(bad), "--out", str(tmp_path / "x.png")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2

@@ -331,14 +331,14 @@ def test_every_parameter_gets_a_gradient(sfm: bool) -> None:
     assert all(p.grad is not None for p in [*g.parameters(), *d.parameters()])
 
 
-def test_checkpointed_block_matches_plain_block_and_keeps_buffers():
+def test_recomputed_block_matches_plain_block_and_keeps_buffers():
     """A recomputed SPADE block gives the plain block's output, gradients, BatchNorm statistics
     and spectral-norm vectors; torch's bare checkpoint would update the buffers twice."""
     import copy
 
     from torch.utils.checkpoint import checkpoint
 
-    from ssgan_dist.models.checkpointing import checkpointed
+    from ssgan_dist.models.recompute import recomputed
     from ssgan_dist.models.spade import SPADEResBlock
 
     torch.manual_seed(0)
@@ -346,7 +346,7 @@ def test_checkpointed_block_matches_plain_block_and_keeps_buffers():
     twin, naive = copy.deepcopy(block), copy.deepcopy(block)
     x = torch.randn(3, 8, 6, 6)
     seg = torch.rand(3, 5, 6, 6)
-    outs = [block(x, seg), checkpointed(twin, x, seg), checkpoint(naive, x, seg, use_reentrant=False)]
+    outs = [block(x, seg), recomputed(twin, x, seg), checkpoint(naive, x, seg, use_reentrant=False)]
     for out in outs:
         out.square().mean().backward()
     assert torch.equal(outs[0], outs[1])

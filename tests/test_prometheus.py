@@ -27,7 +27,9 @@ import pytest
 import yaml
 
 from conftest import TINY
-from ssgan_dist.telemetry import LOSS_TERMS, PHASES
+from ssgan_dist.tasks.gan import SERIES
+
+PHASES, LOSS_TERMS = SERIES.phases, SERIES.terms
 
 pytestmark = pytest.mark.slow
 

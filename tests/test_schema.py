@@ -12,9 +12,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from ssgan_dist import labels
 from ssgan_dist.data import schema
-from ssgan_dist.data.schema import BadSample, colorize, decode_sample, encode_sample, onehot
+from ssgan_dist.data.schema import BadSample, decode_sample, encode_sample
 from ssgan_dist.data.synthetic import make_scene
+from ssgan_dist.labels import colorize, onehot
 
 SIZE = 32
 
@@ -156,5 +158,5 @@ def test_colorize():
     assert tuple(rgb[0, 0]) == (255, 255, 255)
     assert len({tuple(c) for c in rgb.reshape(-1, 3)}) == 20  # every class its own colour
     assert np.array_equal(colorize(torch.from_numpy(label).long()), rgb)
-    assert len({tuple(c) for c in schema.PALETTE}) == 256
-    assert len(schema.CLASS_NAMES) == 20 and schema.CLASS_NAMES[18] == "sky"
+    assert len({tuple(c) for c in labels.PALETTE}) == 256
+    assert len(labels.CLASS_NAMES) == 20 and labels.CLASS_NAMES[18] == "sky"

@@ -19,27 +19,27 @@ from prometheus_client import generate_latest
 
 from conftest import tiny_config
 from ssgan_dist import checkpoint as ckpt
-from ssgan_dist import generate
 from ssgan_dist.config import ConfigError, load_config
 from ssgan_dist.data.ordered import OrderedSamples
-from ssgan_dist.data.schema import PALETTE, STROKE_THRESHOLD, stroke_mask
-from ssgan_dist.data.torch_loader import resolve_shards
+from ssgan_dist.data.shards import resolve_shards
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.distributed.env import setup
-from ssgan_dist.evaluate_segmenter import evaluate_segmenter, scores
-from ssgan_dist.evaluate_segmenter import main as evaluate_main
-from ssgan_dist.inference import load_segmenter, run_segmenter
+from ssgan_dist.evaluation import generate
+from ssgan_dist.evaluation.evaluate_segmenter import evaluate_segmenter, scores
+from ssgan_dist.evaluation.evaluate_segmenter import main as evaluate_main
+from ssgan_dist.evaluation.inference import load_segmenter, run_segmenter
+from ssgan_dist.labels import PALETTE, STROKE_THRESHOLD, stroke_mask
 from ssgan_dist.models.segmenter import IGNORE, stroke_cross_entropy, stroke_targets
-from ssgan_dist.segmenter_trainer import SegmenterTrainer
-from ssgan_dist.train import Trainer, build_trainer
+from ssgan_dist.tasks.segmenter import SegmenterTask
+from ssgan_dist.train import Trainer
 
 # A segmenter of a few thousand parameters for the 32 px tests.
 SEG_TINY = ["run.task=segmenter", "segmenter.width=4", "segmenter.levels=2", "segmenter.dilations=[1,2]"]
 
 
-def _seg_trainer(run_dir: Path, shards: Path, *extra: str) -> SegmenterTrainer:
-    trainer = build_trainer(tiny_config(run_dir, shards, *SEG_TINY, *extra), setup())
-    assert isinstance(trainer, SegmenterTrainer)
+def _seg_trainer(run_dir: Path, shards: Path, *extra: str) -> Trainer:
+    trainer = Trainer(tiny_config(run_dir, shards, *SEG_TINY, *extra), setup())
+    assert isinstance(trainer.task, SegmenterTask)
     return trainer
 
 
@@ -129,7 +129,7 @@ def test_learns_well_above_the_majority_class_on_held_out_scenes(tmp_path):
     build_synthetic_shards(held, count=32, samples_per_shard=32, size=64, seed=4, num_classes=20)
     cfg = load_config("segment-demo", [f"run.dir={tmp_path / 'run'}", f"data.shards={train}", "train.max_steps=120",
                                        "segmenter.width=8", "data.num_workers=0", "train.progress=false"])
-    build_trainer(cfg, setup()).fit()
+    Trainer(cfg, setup()).fit()
     env = setup()
     r = evaluate_segmenter(load_segmenter(tmp_path / "run", env.device), resolve_shards(str(held)), env)
     assert r["samples"] == 32 and r["labelled_stroke_pixels"] > 10_000
@@ -144,9 +144,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, shards32):
     resumed = _seg_trainer(tmp_path / "b", shards32, "train.max_steps=6", *common)
     resumed.fit()
     assert resumed.step == 6
-    for k, v in straight.S.state_dict().items():
-        assert torch.equal(v, resumed.S.state_dict()[k]), k
-    for a, b in zip(straight.engine.opt.state_dict()["state"].values(), resumed.engine.opt.state_dict()["state"].values()):
+    for k, v in straight.task.S.state_dict().items():
+        assert torch.equal(v, resumed.task.S.state_dict()[k]), k
+    for a, b in zip(straight.task.engine.opt["S"].state_dict()["state"].values(),
+                    resumed.task.engine.opt["S"].state_dict()["state"].values()):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     state = ckpt.load(tmp_path / "b" / "ckpt-000000006.pt")
     assert {"S", "opt_s", "scaler_s", "ranks", "step"} <= state.keys() and "G" not in state
@@ -214,7 +215,7 @@ def test_evaluate_command_refuses_a_generator_checkpoint(capsys, trained_checkpo
 
 
 def _colours_to_classes(rgb: np.ndarray) -> np.ndarray:
-    """Invert schema.colorize for the first 20 classes (their colours are distinct)."""
+    """Invert labels.colorize for the first 20 classes (their colours are distinct)."""
     lookup = {tuple(c): i for i, c in enumerate(PALETTE[:20].tolist())}
     return np.vectorize(lambda r, g, b: lookup[(r, g, b)])(rgb[..., 0], rgb[..., 1], rgb[..., 2])
 
@@ -286,7 +287,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys, trained_checkpoint, segme
 
 
 def test_cli_error_has_exit_code_2_and_no_traceback(tmp_path, trained_checkpoint, ten_class_segmenter, sketch_png):
-    proc = subprocess.run([sys.executable, "-m", "ssgan_dist.generate", "--checkpoint", str(trained_checkpoint),
+    proc = subprocess.run([sys.executable, "-m", "ssgan_dist.evaluation.generate",
+                           "--checkpoint", str(trained_checkpoint),
                            "--segmenter", str(ten_class_segmenter), "--sketch", str(sketch_png),
                            "--out", str(tmp_path / "x.png")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

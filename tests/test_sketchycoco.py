@@ -13,7 +13,7 @@ import scipy.io
 import webdataset as wds
 from PIL import Image, ImageFilter
 
-from ssgan_dist.data.build_cli import main
+from ssgan_dist.data.build import main
 from ssgan_dist.data.prepare import resize_image, to_size
 from ssgan_dist.data.schema import decode_sample
 from ssgan_dist.data.writer import read_manifest

@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from conftest import TINY, tiny_config
+from slurm_local import LocalSlurm
 from ssgan_dist import checkpoint as ckpt
 from ssgan_dist.cluster import submit as launcher
 from ssgan_dist.cluster.job import StopOnSignal, bind_metrics_to_node, export_rank_env, node_address
-from ssgan_dist.cluster.local import LocalSlurm
 from ssgan_dist.distributed.env import _launcher_ranks, setup
 from ssgan_dist.train import Trainer
 

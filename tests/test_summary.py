@@ -102,3 +102,13 @@ def test_module_entry_point() -> None:
                          capture_output=True, text=True, check=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert json.loads(out.stdout) == count_flops(load_config("demo", TINY))
+
+
+def test_segmenter_config_summarizes_the_segmenter(capsys) -> None:
+    from ssgan_dist.models import build_segmenter
+
+    assert main(["--config", "segment-demo", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    cfg = load_config("segment-demo")
+    assert list(data) == ["segmenter"] and data["segmenter"]["flops"] > 0
+    assert data["segmenter"]["params"] == sum(p.numel() for p in build_segmenter(cfg.segmenter, 20).parameters())

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ssgan_dist.data.schema import BACKGROUND_CLASSES
 from ssgan_dist.data.synthetic import generate, make_scene
+from ssgan_dist.labels import BACKGROUND_CLASSES
 
 
 def test_deterministic_by_seed():

@@ -19,7 +19,10 @@ from ssgan_dist import telemetry as tm
 from ssgan_dist.config import load_config
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.errors import SetupError
-from ssgan_dist.telemetry import PHASES, PrometheusTelemetry, Telemetry, build_telemetry
+from ssgan_dist.tasks.gan import SERIES, GANTask
+from ssgan_dist.telemetry import PrometheusTelemetry, Telemetry, build_telemetry
+
+PHASES = SERIES.phases
 
 LOSSES = {"g_gan": 0.5, "g_fm": 1.5, "g_vgg": 0.0, "g_total": 2.0, "d_hinge": 1.9}
 LRS = {"G": 2e-4, "D": 4e-4}
@@ -32,7 +35,8 @@ def _env(rank: int = 0, local_rank: int = 0) -> DistEnv:
 
 def _exporter(*overrides: str, env: DistEnv | None = None) -> PrometheusTelemetry:
     cfg = load_config("demo", ["metrics.enabled=true", "metrics.port=0", "run.name=unit", *overrides])
-    return PrometheusTelemetry(cfg, env or _env(), flops_per_image=1e9)
+    return PrometheusTelemetry(cfg.metrics, env or _env(), job=cfg.run.name, series=SERIES, flops_per_image=1e9,
+                               precision=cfg.train.precision)
 
 
 def _free_port() -> int:
@@ -84,7 +88,9 @@ def _step(t: Telemetry, losses: dict[str, float] = LOSSES, images: int = 4, skip
 
 
 def test_disabled_is_the_do_nothing_base():
-    t = build_telemetry(load_config("demo", []), _env())
+    cfg = load_config("demo", [])
+    t = build_telemetry(cfg.metrics, _env(), job=cfg.run.name, series=SERIES, flops_per_image=lambda: 1e9,
+                        precision=cfg.train.precision)
     assert type(t) is Telemetry
     _step(t)
     t.samples_skipped(3)
@@ -176,11 +182,11 @@ def test_port_zero_picks_free_ports_and_targets_list_them(tmp_path):
 
 def test_targets_path_file_or_directory(tmp_path):
     cfg = load_config("demo", ["run.name=x", f"metrics.file_sd={tmp_path}/t.json"])
-    assert tm.targets_path(cfg) == tmp_path / "t.json"
+    assert tm.targets_path(cfg.metrics, cfg.run.name) == tmp_path / "t.json"
     cfg.metrics.file_sd = str(tmp_path)  # an existing directory, no trailing slash
-    assert tm.targets_path(cfg) == tmp_path / "x.json"
+    assert tm.targets_path(cfg.metrics, cfg.run.name) == tmp_path / "x.json"
     cfg.metrics.file_sd = ""
-    assert tm.targets_path(cfg) is None
+    assert tm.targets_path(cfg.metrics, cfg.run.name) is None
 
 
 def test_targets_are_written_atomically_for_every_rank(tmp_path):
@@ -234,13 +240,14 @@ def test_peak_flops_table(monkeypatch, name, precision, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     cfg = load_config("demo", [])
     cfg.train.precision = precision
-    assert tm.peak_flops(cfg, torch.device("cuda", 0)) == expected
+    assert tm.peak_flops(cfg.metrics, cfg.train.precision, torch.device("cuda", 0)) == expected
     cfg.metrics.peak_flops = 5e14
-    assert tm.peak_flops(cfg, torch.device("cuda", 0)) == 5e14
+    assert tm.peak_flops(cfg.metrics, cfg.train.precision, torch.device("cuda", 0)) == 5e14
 
 
 def test_peak_flops_on_cpu():
-    assert tm.peak_flops(load_config("demo", []), torch.device("cpu")) == tm.CPU_PEAK_FLOPS
+    cfg = load_config("demo", [])
+    assert tm.peak_flops(cfg.metrics, cfg.train.precision, torch.device("cpu")) == tm.CPU_PEAK_FLOPS
 
 
 def test_train_flops_count_forward_and_backward_of_both_steps(tmp_path):
@@ -249,7 +256,7 @@ def test_train_flops_count_forward_and_backward_of_both_steps(tmp_path):
     cfg = tiny_config(tmp_path, tmp_path)
     counts = count_flops(cfg)
     g, d = counts["generator"]["flops"], counts["discriminator"]["flops"]
-    assert tm.train_flops_per_image(cfg) == 3 * g + 12 * d > 0
+    assert GANTask.flops_per_image(cfg) == 3 * g + 12 * d > 0
 
 
 def test_phase_timer_splits_optimizer_steps_off_their_phase():

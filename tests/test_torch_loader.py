@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ssgan_dist.data.schema import BadSample
-from ssgan_dist.data.torch_loader import ShardSpecError, build_torch_loader, resolve_shards
+from ssgan_dist.data.shards import ShardSpecError, resolve_shards
+from ssgan_dist.data.torch_loader import build_torch_loader
 from badsamples import KINDS, write_bad_shards
 
 

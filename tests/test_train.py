@@ -13,9 +13,9 @@ import torch
 
 from conftest import tiny_config
 from ssgan_dist import checkpoint as ckpt
-from ssgan_dist.data.schema import onehot
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.distributed.env import setup
+from ssgan_dist.labels import onehot
 from ssgan_dist.models import VGGWeightsError
 from ssgan_dist.train import Trainer
 
@@ -25,8 +25,8 @@ def _trainer(run_dir, shards, *extra) -> Trainer:
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {**{f"G.{k}": v.clone() for k, v in trainer.G.state_dict().items()},
-            **{f"D.{k}": v.clone() for k, v in trainer.D.state_dict().items()}}
+    return {**{f"G.{k}": v.clone() for k, v in trainer.task.G.state_dict().items()},
+            **{f"D.{k}": v.clone() for k, v in trainer.task.D.state_dict().items()}}
 
 
 def test_learning_lowers_l1_on_a_fixed_tiny_set(tmp_path):
@@ -41,7 +41,7 @@ def test_learning_lowers_l1_on_a_fixed_tiny_set(tmp_path):
 
     def l1() -> float:
         with torch.no_grad():
-            return float((t.G(m0, z) - batch["image"]).abs().mean())
+            return float((t.task.G(m0, z) - batch["image"]).abs().mean())
 
     before = l1()
     t.fit()
@@ -61,8 +61,8 @@ def test_checkpoint_round_trip(tmp_path, shards32):
     assert fresh.step == 3
     for k, v in _params(t).items():
         assert torch.equal(v, _params(fresh)[k]), k
-    assert fresh.engine.opt["G"].state_dict()["state"].keys() == t.engine.opt["G"].state_dict()["state"].keys()
-    for a, b in zip(fresh.engine.opt["D"].state_dict()["state"].values(), state["opt_d"]["state"].values()):
+    assert fresh.task.engine.opt["G"].state_dict()["state"].keys() == t.task.engine.opt["G"].state_dict()["state"].keys()
+    for a, b in zip(fresh.task.engine.opt["D"].state_dict()["state"].values(), state["opt_d"]["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"])
     assert fresh.data.state_dict() == state["ranks"][0]["data"]
 
@@ -155,7 +155,7 @@ def test_grad_checkpointing_gives_the_same_training(tmp_path, shards32):
     plain = _trainer(tmp_path / "a", shards32, "train.max_steps=3")
     plain.fit()
     checked = _trainer(tmp_path / "b", shards32, "train.max_steps=3", "train.grad_checkpoint=true")
-    assert checked.G.grad_checkpoint
+    assert checked.task.G.grad_checkpoint
     checked.fit()
     a, b = _params(plain), _params(checked)
     for k in a:  # parameters, BatchNorm statistics and spectral-norm vectors alike
@@ -173,9 +173,9 @@ def test_fp16_scaler_state_survives_resume(tmp_path, shards32):
     assert saved["scaler_g"]["scale"] > 0 and saved["scaler_d"]["scale"] > 0
     resumed = _trainer(tmp_path / "b", shards32, "train.max_steps=4", *common)
     resumed.maybe_resume()
-    assert resumed.engine.scaler["G"].state_dict() == saved["scaler_g"]
+    assert resumed.task.engine.scaler["G"].state_dict() == saved["scaler_g"]
     resumed.fit()
-    assert resumed.engine.scaler["G"].state_dict() == straight.engine.scaler["G"].state_dict()
+    assert resumed.task.engine.scaler["G"].state_dict() == straight.task.engine.scaler["G"].state_dict()
     a, b = _params(straight), _params(resumed)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -188,7 +188,7 @@ def test_channels_last_trains_like_contiguous(tmp_path, shards32):
     a = _trainer(tmp_path / "a", shards32, *common)
     a.fit()
     b = _trainer(tmp_path / "b", shards32, *common, "train.channels_last=true")
-    assert b.G.conv_img.weight.is_contiguous(memory_format=torch.channels_last)
+    assert b.task.G.conv_img.weight.is_contiguous(memory_format=torch.channels_last)
     b.fit()
     pa, pb = _params(a), _params(b)
     for k in pa:

@@ -1,2 +1,2 @@
-"""SLURM through submitit: the submitter (submit.py), what each task runs (job.py), and a
-one-node SLURM on localhost for tests and trying it out (local.py)."""
+"""SLURM through submitit: the submitter (submit.py) and what each task runs (job.py). The
+one-node SLURM the tests start lives with them (tests/slurm_local.py)."""

@@ -27,15 +27,16 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
 import submitit
-import torch
-import torch.distributed as dist
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from ssgan_dist.checkpoint import list_checkpoints
 from ssgan_dist.config import config_from_dict
+from ssgan_dist.distributed.collectives import any_rank
 from ssgan_dist.distributed.env import slurm_master_port
 from ssgan_dist.train import run
 
@@ -114,14 +115,8 @@ class StopOnSignal:
 
     def __call__(self) -> bool:
         """Called by the trainer after every step, on every rank: one all-reduce when distributed."""
-        flag = self.received
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        self.stopped = flag
-        return flag
+        self.stopped = any_rank(self.received)
+        return self.stopped
 
     def hand_over(self) -> NoReturn:
         """Run submitit's handler now that the checkpoint is written: rank 0 requeues and exits
@@ -166,3 +161,9 @@ class TrainingJob(Checkpointable):
                 f"not requeued: already requeued {restarts} times (--max-requeues {self.max_requeues}); "
                 f"submit again with --run-dir {self.config['run']['dir']} to continue from its checkpoint")
         return DelayedSubmission(self)
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint the next start of this run (a requeue, a new submission) resumes from."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None

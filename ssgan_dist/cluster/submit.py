@@ -1,4 +1,6 @@
-"""``python cluster/submit.py --config NAME|PATH [key=value ...]``: train on SLURM through submitit.
+"""Train on SLURM through submitit: ``python cluster/submit.py --config NAME|PATH [key=value ...]``.
+
+Also ``python -m ssgan_dist.cluster.submit`` or the console script ``ssgan-submit``.
 
 The config is resolved and validated here, before anything is queued: a bad key fails in
 the first second with the same message as ``python -m ssgan_dist.train``, not after hours
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssgan_dist import checkpoint as ckpt
-from ssgan_dist.config import Config, ConfigError, load_config
+from ssgan_dist.config import Config, load_config
+from ssgan_dist.errors import SetupError
+from ssgan_dist.shell import command_name, run_cli
 
 # SIGTERM this many seconds before the time limit: enough to finish the current step and
 # write G, D and both Adam states of the 256 px model before SLURM's SIGKILL.
@@ -30,12 +33,12 @@ ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", 
 MONITORING_TARGETS = Path(__file__).resolve().parents[2] / "monitoring" / "prometheus" / "targets"
 
 
-class SubmitError(Exception):
+class SubmitError(SetupError):
     """Something about the submission (not the config) that stops it; exit code 2."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python cluster/submit.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.cluster.submit"), description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None, help="preset name (ssgan_dist/configs) or YAML path; default: demo")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for ssgan_dist.train")
     p.add_argument("--nodes", type=_positive, default=1)
@@ -200,26 +203,23 @@ def describe(job: Any, sub: Submission, cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = resolve_config(args)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _submit(args))
+
+
+def _submit(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
     sub = plan(args, cfg)
-    try:
-        if args.dry_run:
-            print(sbatch_script(sub), end="")
-            return 0
-        job = submit(sub, cfg)
-    except SubmitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.dry_run:
+        print(sbatch_script(sub), end="")
+        return 0
+    job = submit(sub, cfg)
     print(describe(job, sub, cfg), flush=True)
     if not args.wait:
         return 0
     code = wait(job, sub)
-    last = ckpt.list_checkpoints(Path(cfg.run.dir))
-    print(f"newest checkpoint: {last[-1] if last else 'none'}")
+    from ssgan_dist.cluster.job import newest_checkpoint  # submitit is there by now
+
+    print(f"newest checkpoint: {newest_checkpoint(Path(cfg.run.dir)) or 'none'}")
     return code
 
 

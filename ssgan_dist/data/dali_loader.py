@@ -31,7 +31,7 @@ Bad samples, and where DALI cannot do what the torch loader does:
   the sample is reported with shard and key. raise: BadSample naming shard and key.
 * undecodable image: DALI stops the whole pipeline and says neither which sample nor
   which shard; it cannot skip it (the DALI maintainers' word: NVIDIA/DALI#3913). Both
-  modes stop with an error that points at ``python shards/build.py verify DIR``, which
+  modes stop with an error that points at ``python -m ssgan_dist.data.build verify DIR``, which
   names it, and at data.loader=torch, which skips it.
 """
 
@@ -41,7 +41,6 @@ import importlib.util
 import json
 import logging
 import os
-import tarfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from ssgan_dist.data.schema import IMAGE, LABEL, MEMBERS, META, SKETCH, BadSample
+from ssgan_dist.data.shards import TAR_ERRORS, unreadable_tar
 from ssgan_dist.data.tarindex import fresh_index, index_path, scan_tar
 from ssgan_dist.errors import SetupError
 
@@ -128,8 +128,8 @@ class DaliShardLoader:
             indexed = samples is not None
             try:
                 samples = samples if samples is not None else scan_tar(path)
-            except (tarfile.TarError, OSError) as exc:
-                self._bad(BadSample(shard, "<tar>", f"unreadable tar: {exc}"), missing)
+            except TAR_ERRORS as exc:
+                self._bad(unreadable_tar(path, exc), missing)
                 continue
             paths.append(path)
             indexes.append(str(index_path(path)) if indexed else None)
@@ -143,7 +143,7 @@ class DaliShardLoader:
             raise SetupError("data.shards: no readable shard (see the skipped-sample warnings)")
         if None in indexes:
             log.info("DALI index files missing or stale for some shards: DALI scans the tars at start-up "
-                     "(python shards/build.py writes them; DALI's wds2idx can add them)")
+                     "(python -m ssgan_dist.data.build writes them; DALI's wds2idx can add them)")
         return paths, None if None in indexes else indexes, missing, complete
 
     def _bad(self, bad: BadSample, skipped: list[str]) -> None:
@@ -182,7 +182,7 @@ class DaliShardLoader:
             pipe.build()
         except RuntimeError as exc:
             raise SetupError(f"DALI could not start on this rank's shards ({_reason(exc)}); "
-                             "`python shards/build.py verify <shard dir>` checks them") from exc
+                             "`python -m ssgan_dist.data.build verify <shard dir>` checks them") from exc
         return pipe
 
     def _run(self) -> tuple[Any, ...]:
@@ -192,8 +192,8 @@ class DaliShardLoader:
             raise SetupError(
                 f"DALI stopped on a sample of this rank's shards it could not read or decode ({_reason(exc)}). DALI "
                 "names neither the sample nor its shard and cannot skip it (data.on_error=skip does not apply): find "
-                "it with `python shards/build.py verify <shard dir>`, or train with data.loader=torch, which skips "
-                "and names it") from exc
+                "it with `python -m ssgan_dist.data.build verify <shard dir>`, or train with data.loader=torch, "
+                "which skips and names it") from exc
 
     # -- one batch ------------------------------------------------------------------
     def _check(self, j: int, outs: tuple[Any, ...]) -> str | None:

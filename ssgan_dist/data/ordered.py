@@ -10,13 +10,12 @@ own samples, so all ranks agree on the indices without talking to each other.
 from __future__ import annotations
 
 import os
-import tarfile
 from typing import Any, Iterator
 
 import torch
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssgan_dist.data.schema import BadSample, decode_sample
+from ssgan_dist.data.shards import iter_tar
 
 
 class OrderedSamples:
@@ -36,11 +35,10 @@ class OrderedSamples:
         for path in self.shards:
             name = os.path.basename(path)
             try:
-                with open(path, "rb") as stream:
-                    for raw in group_by_keys(tar_file_expander([{"url": path, "stream": stream}])):
-                        yield name, raw
-            except (tarfile.TarError, OSError, ValueError) as exc:
-                yield name, BadSample(name, "<tar>", f"unreadable tar: {exc}")
+                for raw in iter_tar(path):
+                    yield name, raw
+            except BadSample as bad:
+                yield name, bad
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for index, (name, raw) in enumerate(self._raw()):

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ssgan_dist.data.schema import STROKE_THRESHOLD
 from ssgan_dist.data.writer import BadSource
+from ssgan_dist.labels import STROKE_THRESHOLD
 
 
 def _starts(n: int, size: int) -> np.ndarray:

@@ -27,9 +27,9 @@ import numpy as np
 import scipy.io
 
 from ssgan_dist.data.prepare import open_grey, open_rgb, resize_image, stroke_labels, to_size
-from ssgan_dist.data.schema import CLASS_NAMES
 from ssgan_dist.data.writer import BadSource, Sample
 from ssgan_dist.errors import SetupError
+from ssgan_dist.labels import CLASS_NAMES
 
 SPLITS = ("trainInTrain", "valInTrain", "val")
 NUM_CLASSES = len(CLASS_NAMES)

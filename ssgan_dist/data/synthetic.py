@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ssgan_dist.data.schema import BACKGROUND_CLASSES, PALETTE, label_classes
+from ssgan_dist.data.schema import label_classes
+from ssgan_dist.labels import BACKGROUND_CLASSES, PALETTE
 
 # Background roles and the SketchyCOCO class each prefers; a role whose class is not among
 # the background classes takes the next unused one, or is left out (sky/ground: class 0).

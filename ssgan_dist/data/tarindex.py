@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import tarfile
-import tempfile
 from pathlib import Path
+
+from ssgan_dist.files import atomic_path
 
 Member = tuple[str, int, int, str]  # ext, data offset, size, member name
 INDEX_VERSION = "v1.2"
@@ -54,23 +55,17 @@ def _format(samples: list[tuple[str, list[Member]]]) -> str:
 
 
 def write_index(tar_path: str | os.PathLike) -> Path:
-    """Write ``<shard>.idx`` beside the tar (temp name + rename) with DALI's wds2idx when
-    it is installed, else from :func:`scan_tar`; returns the index path."""
+    """Write ``<shard>.idx`` beside the tar (atomically) with DALI's wds2idx when it is
+    installed, else from :func:`scan_tar`; returns the index path."""
     out = index_path(tar_path)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         try:
             from wds2idx import IndexCreator  # shipped with nvidia-dali
         except ImportError:
-            Path(tmp).write_text(_format(scan_tar(tar_path)))
+            tmp.write_text(_format(scan_tar(tar_path)))
         else:
-            with IndexCreator(str(tar_path), tmp, verbose=False) as creator:
+            with IndexCreator(str(tar_path), str(tmp), verbose=False) as creator:
                 creator.create_index()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 

@@ -25,49 +25,17 @@ Bad samples are skipped and reported (``data.on_error=skip``) or raise with shar
 
 from __future__ import annotations
 
-import glob
 import os
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import braceexpand
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssgan_dist.data.schema import BadSample, decode_sample
+from ssgan_dist.data.shards import iter_tar
 from ssgan_dist.errors import SetupError
-
-
-class ShardSpecError(SetupError):
-    """``data.shards`` names nothing readable."""
-
-
-def resolve_shards(spec: str, option: str = "data.shards") -> list[str]:
-    """A directory, a brace pattern ("a-{000000..000009}.tar"), a glob, or a comma list;
-    ``option`` is the setting the spec came from, named in errors."""
-    if not spec:
-        raise ShardSpecError(f"{option} is empty: give a directory of .tar shards or a pattern")
-    paths: list[str] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if os.path.isdir(part):
-            found = sorted(glob.glob(os.path.join(part, "*.tar")))
-            if not found:
-                raise ShardSpecError(f"{option}: directory {part} holds no .tar shards")
-            paths += found
-            continue
-        for item in braceexpand.braceexpand(part):
-            matches = sorted(glob.glob(item)) if any(c in item for c in "*?[") else [item]
-            if not matches:
-                raise ShardSpecError(f"{option}: {item} matches no file")
-            paths += matches
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise ShardSpecError(f"{option}: no such shard {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    return paths
+from ssgan_dist.rng import seeded_numpy
 
 
 @dataclass
@@ -106,19 +74,13 @@ class StreamSpec:
     position: DataPosition = field(default_factory=lambda: DataPosition.start(1))
 
 
-def _mix(*values: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([v & 0xFFFFFFFF for v in values]))
-
-
 def _read_shard(path: str, on_error: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """All samples of one tar, grouped by key; a broken tar is one bad sample."""
+    """All samples of one tar, grouped by key; a broken tar is one bad sample (none of it is read)."""
     try:
-        with open(path, "rb") as stream:
-            return list(group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))), []
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        bad = BadSample(os.path.basename(path), "<tar>", f"unreadable tar: {exc}")
+        return list(iter_tar(path)), []
+    except BadSample as bad:
         if on_error == "raise":
-            raise bad from exc
+            raise
         return [], [str(bad)]
 
 
@@ -139,7 +101,7 @@ class ShardStreams(IterableDataset):
         """(epoch, shard index, part) read at a position of the endless unit sequence."""
         n_units = len(self.spec.shards) * parts
         epoch, index = divmod(global_slot, n_units)
-        shard, part = divmod(int(_mix(self.spec.seed, 0x5EED, epoch).permutation(n_units)[index]), parts)
+        shard, part = divmod(int(seeded_numpy(self.spec.seed, 0x5EED, epoch).permutation(n_units)[index]), parts)
         return epoch, shard, part
 
     def _stream(self, logical: int) -> Iterator[dict[str, Any]]:
@@ -158,7 +120,7 @@ class ShardStreams(IterableDataset):
             shard_name = os.path.basename(path)
             samples, broken = _read_shard(path, s.on_error)
             skipped += broken if part == 0 else []
-            order = _mix(s.seed, 0x0DE7, epoch, shard).permutation(len(samples))[part::parts]
+            order = seeded_numpy(s.seed, 0x0DE7, epoch, shard).permutation(len(samples))[part::parts]
             for i in range(offset, len(order)):
                 raw = samples[order[i]]
                 try:
@@ -168,7 +130,7 @@ class ShardStreams(IterableDataset):
                         raise
                     skipped.append(str(bad))
                     continue
-                if s.flip and _mix(s.seed, 0xF11B, slot, i).random() < 0.5:
+                if s.flip and seeded_numpy(s.seed, 0xF11B, slot, i).random() < 0.5:
                     item = {k: (v.flip(-1) if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
                 batch.append(item)
                 if len(batch) == s.batch_size:

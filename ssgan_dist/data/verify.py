@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import tarfile
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 
 import numpy as np
 from tqdm import tqdm
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssgan_dist.data.schema import BadSample, decode_sample
+from ssgan_dist.data.shards import iter_tar
 from ssgan_dist.data.tarindex import fresh_index, index_path
 from ssgan_dist.data.writer import ManifestError, ordered_map, read_manifest
 
@@ -43,9 +42,9 @@ def check_shard(path: Path, num_classes: int, image_size: int) -> ShardCheck:
     check = ShardCheck(path.name, hashlib.sha256(data).hexdigest(),
                        pixels=np.zeros(num_classes, np.int64), present=np.zeros(num_classes, np.int64))
     try:
-        raws = list(group_by_keys(tar_file_expander([{"url": str(path), "stream": io.BytesIO(data)}])))
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        check.bad.append(str(BadSample(path.name, "<tar>", f"unreadable tar: {exc}")))
+        raws = list(iter_tar(str(path), io.BytesIO(data)))
+    except BadSample as bad:
+        check.bad.append(str(bad))
         return check
     for raw in raws:
         check.keys.append(raw["__key__"])

@@ -13,12 +13,10 @@ depend on the number of workers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -29,9 +27,12 @@ import numpy as np
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from ssgan_dist.data.schema import BACKGROUND_CLASSES, MEMBERS, class_name, encode_sample
+from ssgan_dist.data.schema import MEMBERS, encode_sample
 from ssgan_dist.data.synthetic import make_scene
 from ssgan_dist.data.tarindex import index_path, write_index
+from ssgan_dist.errors import SetupError
+from ssgan_dist.files import atomic_write, sha256_file, write_json
+from ssgan_dist.labels import BACKGROUND_CLASSES, class_name
 
 MANIFEST = "manifest.json"
 FORMAT = "ssgan-dist-shards"
@@ -40,11 +41,11 @@ Sample = tuple[str, np.ndarray, np.ndarray, np.ndarray, Mapping[str, Any]]  # ke
 Item = TypeVar("Item")
 
 
-class ManifestError(ValueError):
+class ManifestError(SetupError):
     """A shard directory without a usable manifest; the message names the path."""
 
 
-class BadSource(ValueError):
+class BadSource(SetupError):
     """A source sample that cannot be written (missing file, bad label, ...); the message
     names its files or key. Builders skip and report it, or stop, as asked."""
 
@@ -103,29 +104,6 @@ def parallel_encode(load: Callable[[Item], Sample], items: Sequence[Item], *, wo
             yield result
 
 
-@contextmanager
-def _atomic(path: Path) -> Iterator[Any]:
-    """A binary file object whose contents appear at ``path`` only if the block succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shards(samples: Iterable[Sample], out_dir: str | os.PathLike, *, name: str = "shard",
                  samples_per_shard: int = 1000, num_classes: int, source: str, resolution: int,
                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -159,14 +137,14 @@ def write_encoded(encoded: Iterable[Encoded], out_dir: str | os.PathLike, *, nam
     while sample is not None:
         path = out / f"{name}-{len(shards):06d}.tar"
         count = 0
-        with _atomic(path) as f, TarWriter(f, encoder=False, mtime=0) as tar:
+        with atomic_write(path) as f, TarWriter(f, encoder=False, mtime=0) as tar:
             while sample is not None and count < samples_per_shard:
                 tar.write(sample.members)
                 pixels += sample.counts
                 present += sample.counts > 0
                 count += 1
                 sample = next(it, None)
-        shards.append({"file": path.name, "samples": count, "sha256": _sha256(path), "bytes": path.stat().st_size,
+        shards.append({"file": path.name, "samples": count, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                        "index": write_index(path).name})
     if not shards:
         raise ValueError(f"no samples to write to {out}")
@@ -185,8 +163,7 @@ def write_encoded(encoded: Iterable[Encoded], out_dir: str | os.PathLike, *, nam
                             for c in range(num_classes)],
         "extra": dict(extra or {}),
     }
-    with _atomic(out / MANIFEST) as f:
-        f.write(json.dumps(manifest, indent=1).encode())
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 

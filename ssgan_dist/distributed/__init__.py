@@ -1,1 +1,1 @@
-"""Launcher detection, process groups and the engines that wrap G and D."""
+"""Launcher detection and process groups, the rank collectives, and the engines that train a task's networks."""

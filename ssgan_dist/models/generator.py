@@ -12,12 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssgan_dist.config import ModelConfig
-from ssgan_dist.models.checkpointing import checkpointed
+from ssgan_dist.config import NUM_UPSAMPLING, ModelConfig
+from ssgan_dist.models.recompute import recomputed
 from ssgan_dist.models.sfm import SFM, ToMask
 from ssgan_dist.models.spade import SPADEResBlock, init_weights
-
-NUM_UPSAMPLING = {"normal": 5, "more": 6, "most": 7}
 
 
 def block_schedule(num_upsampling: str) -> list[tuple[str, bool]]:
@@ -80,7 +78,7 @@ class SSGANGenerator(nn.Module):
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
             block = getattr(self, name)
             if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpointed(block, x, seg)
+                x = recomputed(block, x, seg)
             else:
                 x = block(x, seg)
             if i < len(self.sfms):

@@ -10,7 +10,7 @@ has such pixels; the synthetic scenes have none). Class 0 is not a class of the 
 missing information, so the segmenter never learns or predicts it: it has C - 1 outputs
 (classes 1..C-1), the loss is cross-entropy over the labelled stroke pixels only, and every
 stroke pixel gets a class 1..C-1 while every blank pixel gets 0. The stroke rule is
-``schema.stroke_mask``, the one the shard writers label by.
+``labels.stroke_mask``, the one the shard writers label by.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssgan_dist.config import SegmenterConfig
-from ssgan_dist.data.schema import stroke_mask
+from ssgan_dist.labels import stroke_mask
 
 IGNORE = -100  # cross-entropy target of pixels that carry no training signal
 

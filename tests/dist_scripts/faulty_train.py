@@ -19,6 +19,7 @@ import sys
 import torch
 
 import ssgan_dist.checkpoint as ckpt
+import ssgan_dist.tasks.gan as gan
 import ssgan_dist.train as train
 
 
@@ -49,7 +50,7 @@ def main() -> int:
 
         ckpt.torch.save = half_save
     elif me == rank and mode == "nan-at-step":
-        original_loss = train.g_hinge_loss
+        original_loss = gan.g_hinge_loss
         calls = {"n": 0}
 
         def g_hinge_loss(pred):
@@ -57,7 +58,7 @@ def main() -> int:
             loss = original_loss(pred)
             return loss * float("nan") if calls["n"] == step else loss
 
-        train.g_hinge_loss = g_hinge_loss
+        gan.g_hinge_loss = g_hinge_loss
     return train.main(overrides)
 
 

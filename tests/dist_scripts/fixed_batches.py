@@ -4,7 +4,7 @@
 
 Every rank reads the same global batches (a one-rank loader without flips) and takes rows
 [rank*B, (rank+1)*B), so N ranks x B and 1 rank x N*B train on exactly the same samples; z is
-already a per-step function of the global batch (train.step_noise).
+already a per-step function of the global batch (tasks.gan.GANTask.step_noise).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 import torch
 
 from ssgan_dist.config import load_config
-from ssgan_dist.data.torch_loader import build_torch_loader, resolve_shards
+from ssgan_dist.data.shards import resolve_shards
+from ssgan_dist.data.torch_loader import build_torch_loader
 from ssgan_dist.distributed.env import setup, teardown
 from ssgan_dist.train import Trainer
 
@@ -38,7 +39,7 @@ def main() -> None:
         losses.append(trainer.train_step(mine).losses)
         trainer.step += 1
     if env.is_main:
-        torch.save({"G": trainer.G.state_dict(), "D": trainer.D.state_dict(), "losses": losses}, out)
+        torch.save({"G": trainer.task.G.state_dict(), "D": trainer.task.D.state_dict(), "losses": losses}, out)
     if env.distributed:
         torch.distributed.barrier()  # leave together (a lone rank in teardown was seen to hang)
     teardown()

@@ -1,7 +1,8 @@
-"""Activation checkpointing of one block that leaves its buffers as an unchecked run would.
+"""Activation recomputation of one block that leaves its buffers as an unchecked run would.
 
-Recomputing a block in the backward pass runs its forward a second time. In a SPADE block
-that forward has side effects on buffers: BatchNorm running statistics and the spectral-norm
+torch calls this activation checkpointing; in ssgan-dist "checkpoint" means run state only.
+Recomputing a block in the backward pass runs its forward a second time. In a SPADE block that
+forward has side effects on buffers: BatchNorm running statistics and the spectral-norm
 power-iteration vectors ``weight_u``/``weight_v``. Run twice, the statistics would be updated
 twice and the recomputed weight would be normalized with a newer ``u`` than the original
 forward used, so the gradients would differ. The recomputation therefore starts from the
@@ -50,6 +51,6 @@ def _contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, cont
     return original(), recompute()
 
 
-def checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+def recomputed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     """``block(*args)`` with its activations recomputed in the backward pass."""
     return checkpoint(block, *args, use_reentrant=False, context_fn=lambda: _contexts(block))

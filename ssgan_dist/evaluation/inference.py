@@ -19,11 +19,12 @@ import torch
 from torch import nn
 
 from ssgan_dist import checkpoint as ckpt
-from ssgan_dist.config import Config, config_from_dict
-from ssgan_dist.data.schema import onehot
+from ssgan_dist.config import Config, ModelConfig, config_from_dict
 from ssgan_dist.errors import SetupError
+from ssgan_dist.labels import onehot
 from ssgan_dist.models import build_generator, build_segmenter
 from ssgan_dist.models.segmenter import predict_labels
+from ssgan_dist.rng import seeded_generator
 
 
 class CheckpointError(SetupError):
@@ -110,27 +111,20 @@ def run_segmenter(S: nn.Module, sketch: torch.Tensor) -> torch.Tensor:
     return predict_labels(S(sketch), sketch)
 
 
-def noise(cfg: Config, seed: int, indices: list[int], style: int = 0) -> torch.Tensor | None:
-    """z for the given input indices: a pure function of (seed, index, style), made on the CPU
-    so that CPU and GPU runs draw the same values; None when the model takes no z."""
-    if not cfg.model.use_z:
+def noise(model: ModelConfig, seed: int, indices: list[int], style: int = 0) -> torch.Tensor | None:
+    """z for the given input indices: a pure function of (seed, index, style) (rng.py), so
+    CPU and GPU runs draw the same values; None when the model takes no z."""
+    if not model.use_z:
         return None
-    rows = [torch.randn(cfg.model.z_dim, generator=torch.Generator().manual_seed(
-        hash((seed, index, style)) & 0x7FFFFFFFFFFFFFFF)) for index in indices]
-    return torch.stack(rows)
+    return torch.stack([torch.randn(model.z_dim, generator=seeded_generator(seed, index, style)) for index in indices])
 
 
 @torch.no_grad()
-def run_generator(G: nn.Module, cfg: Config, label: torch.Tensor, z: torch.Tensor | None
+def run_generator(G: nn.Module, model: ModelConfig, label: torch.Tensor, z: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images in [-1, 1] for a [B,H,W] label batch, and the SFM's last learned mask m_i
     ([B,C,h,w]; None without SFM)."""
     device = next(G.parameters()).device
-    m0 = onehot(label.to(device), cfg.model.num_classes)
+    m0 = onehot(label.to(device), model.num_classes)
     image, masks = G(m0, None if z is None else z.to(device), return_masks=True)
     return image, (masks[-1] if masks else None)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 in [0, 255], rounded as grid.py writes PNGs (and the metrics see)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

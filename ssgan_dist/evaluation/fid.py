@@ -16,13 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ssgan_dist.errors import SetupError
+from ssgan_dist.files import atomic_write
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,16 +69,8 @@ def load_stats(cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray, int] 
 
 
 def save_stats(cache_dir: Path, key: str, mu: np.ndarray, sigma: np.ndarray, count: int) -> Path:
-    """Written to a temp file and renamed, so a concurrent reader never sees half an entry."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{key}.npz"
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, count=count)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Written atomically, so a concurrent reader never sees half an entry."""
+    path = Path(cache_dir) / f"{key}.npz"
+    with atomic_write(path) as f:
+        np.savez(f, mu=mu, sigma=sigma, count=count)
     return path

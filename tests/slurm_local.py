@@ -3,7 +3,7 @@
 The launcher's tests need a real scheduler (requeue, preemption, signals are the point),
 and a developer can try ``cluster/submit.py`` on a workstation with the same thing:
 
-    python -m ssgan_dist.cluster.local /tmp/slurm     # prints `export SLURM_CONF=...`
+    python tests/slurm_local.py /tmp/slurm     # prints `export SLURM_CONF=...`
 
 Everything lives under one directory (config, state, spool, logs) plus a private munge
 key and socket in a short-named temp directory of its own (user munge must reach it, and
@@ -188,7 +188,7 @@ class LocalSlurm:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssgan_dist.cluster.local", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python tests/slurm_local.py", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="a fresh directory for config, state and logs")
     args = parser.parse_args(argv)
     slurm = LocalSlurm(args.dir).start()

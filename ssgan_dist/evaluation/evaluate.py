@@ -1,8 +1,9 @@
-"""``python -m ssgan_dist.evaluate``: FID and SSIM of a checkpoint on held-out shards (Table 1).
+"""FID and SSIM of a checkpoint on held-out shards (the paper's Table 1).
 
-One image is generated for every sample of the shard set, with noise fixed by (seed, sample
-index), and compared with the sample's photo: FID over Inception pool3 features, SSIM on the
-images in [0, 1]. Under torchrun sample i is handled by rank i % world_size and the results
+``python -m ssgan_dist.evaluation.evaluate`` (console script ``ssgan-evaluate``). One image
+is generated for every sample of the shard set, with noise fixed by (seed, sample index),
+and compared with the sample's photo: FID over Inception pool3 features, SSIM on the images
+in [0, 1]. Under torchrun sample i is handled by rank i % world_size and the results
 are gathered in index order, so the numbers do not depend on the number of ranks. The real
 images' Inception statistics are cached (see ``fid.stats_key``). ``evaluate_generator`` is
 the same evaluation for a Trainer to call every ``eval.every`` steps.
@@ -11,7 +12,6 @@ the same evaluation for a Trainer to call every ``eval.every`` steps.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -21,22 +21,25 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ssgan_dist.config import Config
+from ssgan_dist.cache import cache_root
+from ssgan_dist.config import DataConfig, EvalConfig, ModelConfig
 from ssgan_dist.data.ordered import OrderedSamples
 from ssgan_dist.data.schema import BadSample
-from ssgan_dist.data.sources import cache_root
-from ssgan_dist.data.torch_loader import resolve_shards
+from ssgan_dist.data.shards import resolve_shards
+from ssgan_dist.distributed.collectives import from_main, gather_to_all
 from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.errors import SetupError
-from ssgan_dist.fid import feature_stats, frechet_distance, load_stats, save_stats, stats_key
-from ssgan_dist.inception import NUM_FEATURES, file_sha256, load_inception
-from ssgan_dist.inference import load_generator, noise, run_generator, to_uint8
-from ssgan_dist.ssim import ssim
+from ssgan_dist.evaluation.fid import feature_stats, frechet_distance, load_stats, save_stats, stats_key
+from ssgan_dist.evaluation.inception import NUM_FEATURES, load_inception
+from ssgan_dist.evaluation.inference import load_generator, noise, run_generator
+from ssgan_dist.evaluation.ssim import ssim
+from ssgan_dist.files import sha256_file
+from ssgan_dist.images import to_uint8
+from ssgan_dist.shell import command_name, run_cli, setup_logging, write_record
 
-log = logging.getLogger("ssgan_dist.evaluate")
+log = logging.getLogger("ssgan_dist.evaluation.evaluate")
 
 # The paper's Table 1 (SketchyCOCO scene level, 256x256).
 PAPER_ROWS = (("SSGAN (paper)", 123.8, 0.285), ("GauGAN-semantic sketch (paper)", 215.1, 0.285))
@@ -52,40 +55,24 @@ class EvalSpec:
 
     shards: str
     inception_weights: str
+    cache_dir: Path  # real-image statistics (fid_cache_dir)
     max_samples: int = 0
     batch_size: int = 8
     seed: int = 0
-    cache_dir: Path | None = None  # None: <cache root>/fid-stats
     on_error: str = "raise"
     shards_option: str = "eval.shards"
     weights_option: str = "eval.inception_weights"
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "EvalSpec":
+    def for_training(cls, evaluation: EvalConfig, data: DataConfig) -> "EvalSpec":
         """The in-training evaluation: eval.*; bad samples follow data.on_error, as training does."""
-        e = cfg.eval
-        return cls(e.shards, e.inception_weights, e.max_samples, e.batch_size, on_error=cfg.data.on_error)
+        return cls(evaluation.shards, evaluation.inception_weights, fid_cache_dir(data.cache_dir),
+                   evaluation.max_samples, evaluation.batch_size, on_error=data.on_error)
 
 
-def default_cache_dir(cfg: Config) -> Path:
-    """Beside the synthetic shards (sources.cache_root)."""
-    return cache_root(cfg) / "fid-stats"
-
-
-def _from_main(env: DistEnv, fn: Callable[[], Any]) -> Any:
-    """fn() run on rank 0, its value handed to every rank."""
-    value = [fn() if env.is_main else None]
-    if env.distributed:
-        dist.broadcast_object_list(value, src=0)
-    return value[0]
-
-
-def _gather(env: DistEnv, obj: Any) -> list[Any]:
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
+def fid_cache_dir(cache_dir: str) -> Path:
+    """Beside the synthetic shards, under the cache root (data.cache_dir, see cache.py)."""
+    return cache_root(cache_dir) / "fid-stats"
 
 
 def _features(parts: list[np.ndarray]) -> np.ndarray:
@@ -93,14 +80,13 @@ def _features(parts: list[np.ndarray]) -> np.ndarray:
 
 
 @torch.no_grad()
-def _local_pass(G: nn.Module, cfg: Config, env: DistEnv, spec: EvalSpec, reader: OrderedSamples,
+def _local_pass(G: nn.Module, m: ModelConfig, env: DistEnv, spec: EvalSpec, reader: OrderedSamples,
                 inception: nn.Module, need_real: bool) -> dict[str, Any]:
     """This rank's share: sample indices, generated (and real) features, per-image SSIM."""
     out: dict[str, Any] = {"index": [], "fake": [], "real": [], "ssim": []}
-    m = cfg.model
     try:
         for batch in reader.batches(spec.batch_size):
-            fake, _ = run_generator(G, cfg, batch["label"], noise(cfg, spec.seed, batch["index"]))
+            fake, _ = run_generator(G, m, batch["label"], noise(m, spec.seed, batch["index"]))
             real = batch["image"].to(env.device)
             out["ssim"] += ssim(to_uint8(fake) / 255.0, to_uint8(real) / 255.0).tolist()
             out["fake"].append(inception(fake).cpu().numpy())
@@ -120,33 +106,31 @@ def _combine(parts: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.concatenate([np.asarray(p[key]) for p in parts])[np.argsort(index, kind="stable")]
 
 
-def evaluate_generator(G: nn.Module, cfg: Config, env: DistEnv, spec: EvalSpec | None = None) -> dict[str, Any]:
-    """FID and mean SSIM of G on a shard set; call on every rank, every rank gets the result.
-
-    G is switched to eval mode for the pass and back to its previous mode after it.
+def evaluate_generator(G: nn.Module, model: ModelConfig, env: DistEnv, spec: EvalSpec) -> dict[str, Any]:
+    """FID and mean SSIM of G (of ``model``) on a shard set; call on every rank, every rank
+    gets the result. G is switched to eval mode for the pass and back to its previous mode after it.
     """
-    spec = spec or EvalSpec.from_config(cfg)
     t0 = time.perf_counter()
     if not spec.shards:
         raise EvalError(f"{spec.shards_option} is empty: give the held-out shards to evaluate on")
     shards = resolve_shards(spec.shards, spec.shards_option)
     inception = load_inception(spec.inception_weights, spec.weights_option).to(env.device)
-    cache_dir = spec.cache_dir or default_cache_dir(cfg)
-    key = stats_key(shards, file_sha256(spec.inception_weights), {
-        "max_samples": spec.max_samples, "image_size": cfg.model.image_size,
-        "num_classes": cfg.model.num_classes, "on_error": spec.on_error,
+    cache_dir = spec.cache_dir
+    key = stats_key(shards, sha256_file(spec.inception_weights), {
+        "max_samples": spec.max_samples, "image_size": model.image_size,
+        "num_classes": model.num_classes, "on_error": spec.on_error,
     })
-    cached = _from_main(env, lambda: load_stats(cache_dir, key) is not None)
-    reader = OrderedSamples(shards, num_classes=cfg.model.num_classes, image_size=cfg.model.image_size,
+    cached = from_main(lambda: load_stats(cache_dir, key) is not None)
+    reader = OrderedSamples(shards, num_classes=model.num_classes, image_size=model.image_size,
                             on_error=spec.on_error, rank=env.rank, world_size=env.world_size,
                             max_samples=spec.max_samples)
     was_training = G.training
     G.eval()
     try:
-        local = _local_pass(G, cfg, env, spec, reader, inception, need_real=not cached)
+        local = _local_pass(G, model, env, spec, reader, inception, need_real=not cached)
     finally:
         G.train(was_training)
-    parts = _gather(env, local)
+    parts = gather_to_all(local)
     skipped = [reason for p in parts for reason in p["skipped"]]
     for reason in skipped[:5]:
         log.warning("evaluation skipped a bad sample: %s", reason)
@@ -172,13 +156,13 @@ def evaluate_generator(G: nn.Module, cfg: Config, env: DistEnv, spec: EvalSpec |
             "real_stats_cached": bool(cached),
         }
 
-    result = _from_main(env, summarize)
+    result = from_main(summarize)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
 
-def method_name(cfg: Config) -> str:
-    return "SSGAN" if cfg.model.sfm else "GauGAN-semantic sketch"
+def method_name(model: ModelConfig) -> str:
+    return "SSGAN" if model.sfm else "GauGAN-semantic sketch"
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -194,7 +178,8 @@ def format_table(record: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ssgan_dist.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.evaluation.evaluate"),
+                                description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="ckpt-*.pt, or a run directory (its newest checkpoint)")
     p.add_argument("--shards", default="", help="held-out shards (dir, brace pattern, comma list); "
                                                 "default: the checkpoint's eval.shards")
@@ -222,19 +207,19 @@ def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any] | None:
         max_samples=cfg.eval.max_samples if args.max_samples < 0 else args.max_samples,
         batch_size=args.batch_size or cfg.eval.batch_size,
         seed=args.seed,
-        cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else fid_cache_dir(cfg.data.cache_dir),
         on_error=args.on_error,
         shards_option="--shards", weights_option="--inception-weights",
     )
     if spec.batch_size < 1:
         raise EvalError(f"--batch-size: must be at least 1, got {spec.batch_size}")
-    log.info("evaluating %s (step %d, %s) on %s, rank %d of %d", loaded.path, loaded.step, method_name(cfg),
+    log.info("evaluating %s (step %d, %s) on %s, rank %d of %d", loaded.path, loaded.step, method_name(cfg.model),
              spec.shards, env.rank, env.world_size)
-    result = evaluate_generator(loaded.G, cfg, env, spec)
+    result = evaluate_generator(loaded.G, cfg.model, env, spec)
     if not env.is_main:
         return None
     record = {
-        "method": method_name(cfg), **result, "checkpoint": str(loaded.path), "step": loaded.step,
+        "method": method_name(cfg.model), **result, "checkpoint": str(loaded.path), "step": loaded.step,
         "config_hash": loaded.config_hash, "shards": spec.shards, "image_size": cfg.model.image_size,
         "inception_weights": spec.inception_weights, "world_size": env.world_size,
     }
@@ -242,31 +227,24 @@ def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any] | None:
     return record
 
 
-def write_record(out: str, record: dict) -> None:
-    """The results JSON, when --out names a file."""
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(record, indent=1) + "\n")
-
-
 def run_command(args: argparse.Namespace, run_fn: Callable[[argparse.Namespace, DistEnv], dict | None],
                 table: Callable[[dict], str]) -> int:
-    """An evaluation command on every rank: setup, run, rank 0 prints; exit 2 on a SetupError."""
-    env = setup()
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        record = run_fn(args, env)
-    except SetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        teardown()
-    if record is not None:
-        print(table(record))
-        if args.out:
-            print(f"results: {args.out}")
-    return 0
+    """An evaluation command on every rank: setup, run, rank 0 prints its table (shell.run_cli)."""
+
+    def command() -> int:
+        env = setup()
+        setup_logging(env.rank, verbose=env.is_main)
+        try:
+            record = run_fn(args, env)
+        finally:
+            teardown()
+        if record is not None:
+            print(table(record))
+            if args.out:
+                print(f"results: {args.out}")
+        return 0
+
+    return run_cli(command)
 
 
 def main(argv: list[str] | None = None) -> int:

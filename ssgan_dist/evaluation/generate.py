@@ -1,7 +1,8 @@
-"""``python -m ssgan_dist.generate``: images from a sketch and its label map, or from a shard set.
+"""Images from a sketch and its label map, or from a shard set.
 
-One input (``--sketch S.png --label L.png --out out.png``), a bare sketch whose label map M0
-a sketch segmenter predicts (``--sketch S.png --segmenter SEG.pt --out out.png``, M0 written
+``python -m ssgan_dist.evaluation.generate`` (console script ``ssgan-generate``). One input
+(``--sketch S.png --label L.png --out out.png``), a bare sketch whose label map M0 a sketch
+segmenter predicts (``--sketch S.png --segmenter SEG.pt --out out.png``, M0 written
 as ``out.label.png``), or every sample of a shard set (``--shards SPEC --out DIR``, one
 ``<key>.png`` each). Beside each image, ``<name>.mask.png`` shows the SFM's last learned mask
 (argmax over classes, coloured like the label maps), the paper's Figure 3(c).
@@ -13,7 +14,6 @@ The generator and its config come from the checkpoint; noise from (seed, input i
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +25,16 @@ from PIL import Image
 
 from ssgan_dist.config import Config
 from ssgan_dist.data.ordered import OrderedSamples
-from ssgan_dist.data.schema import STROKE_THRESHOLD, BadSample, colorize, stroke_mask
-from ssgan_dist.data.torch_loader import resolve_shards
+from ssgan_dist.data.schema import BadSample
+from ssgan_dist.data.shards import resolve_shards
 from ssgan_dist.distributed.env import setup
 from ssgan_dist.errors import SetupError
-from ssgan_dist.grid import make_grid, mask_argmax, save_png
-from ssgan_dist.inference import (LoadedGenerator, load_generator, load_segmenter, noise, run_generator,
-                                  run_segmenter, to_uint8)
-
-log = logging.getLogger("ssgan_dist.generate")
+from ssgan_dist.evaluation.inference import (LoadedGenerator, load_generator, load_segmenter, noise, run_generator,
+                                             run_segmenter)
+from ssgan_dist.grid import make_grid, mask_argmax
+from ssgan_dist.images import rgb_arrays, save_png, sketch_tensor
+from ssgan_dist.labels import STROKE_THRESHOLD, colorize, stroke_mask
+from ssgan_dist.shell import command_name, run_cli, setup_logging
 
 # Where a lone --sketch can get its label map from, as named in the error when none is given.
 LABEL_SOURCES = ("--label PNG (class index per pixel, 0 = none)",
@@ -98,7 +99,7 @@ def predict_label(args: argparse.Namespace, loaded: LoadedGenerator, sketch: np.
     if s.image_size != g.image_size:
         raise InputError(f"--segmenter {seg.path} was trained on {s.image_size}x{s.image_size} sketches, but "
                          f"--checkpoint {loaded.path} makes {g.image_size}x{g.image_size} images (model.image_size)")
-    pixels = torch.from_numpy(sketch).float().div(255.0)[None, None]
+    pixels = sketch_tensor(sketch)
     if not stroke_mask(pixels).any():
         raise InputError(f"--sketch {args.sketch} is blank (no pixel darker than {STROKE_THRESHOLD}/255): "
                          "--segmenter labels strokes, and there are none")
@@ -130,7 +131,7 @@ def single_input(args: argparse.Namespace, loaded: LoadedGenerator) -> dict:
                          f"--checkpoint {loaded.path} makes {size}x{size} images (model.image_size={size})")
     return {
         "index": [0],
-        "sketch": torch.from_numpy(sketch).float().div(255.0)[None, None],
+        "sketch": sketch_tensor(sketch),
         "label": torch.from_numpy(label).long()[None],
     }
 
@@ -204,8 +205,9 @@ def generate(args: argparse.Namespace, loaded: LoadedGenerator) -> list[Path]:
     for batch in batches:
         fakes = []
         for style in range(k):
-            fake, mask = run_generator(loaded.G, cfg, batch["label"], noise(cfg, args.seed, batch["index"], style))
-            images = to_uint8(fake).permute(0, 2, 3, 1).cpu().numpy()
+            fake, mask = run_generator(loaded.G, cfg.model, batch["label"],
+                                       noise(cfg.model, args.seed, batch["index"], style))
+            images = rgb_arrays(fake)
             masks = mask_argmax(mask, cfg.model.image_size).cpu().numpy() if mask is not None else None
             for i, base in enumerate(bases(batch)):
                 path = output_path(base, style, k)
@@ -230,7 +232,8 @@ def generate(args: argparse.Namespace, loaded: LoadedGenerator) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ssgan_dist.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.evaluation.generate"),
+                                description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="ckpt-*.pt, or a run directory (its newest checkpoint)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--sketch", help="one scene sketch (PNG); its label map from --label or --segmenter")
@@ -265,14 +268,14 @@ def check_args(args: argparse.Namespace, cfg: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        loaded = load_generator(Path(args.checkpoint), setup().device)
-        check_args(args, loaded.cfg)
-        written = generate(args, loaded)
-    except SetupError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    setup_logging()
+    return run_cli(lambda: _generate(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    loaded = load_generator(Path(args.checkpoint), setup().device)
+    check_args(args, loaded.cfg)
+    written = generate(args, loaded)
     masks = "" if loaded.cfg.model.sfm else " (no SFM masks: model.sfm=false)"
     print(f"wrote {len(written)} image(s) from {loaded.path} (step {loaded.step}) to {args.out}{masks}"
           + (f"; grid: {args.grid}" if args.grid else "")

@@ -1,6 +1,7 @@
-"""``python -m ssgan_dist.evaluate_segmenter``: stroke-pixel accuracy and IoU of a sketch segmenter.
+"""Stroke-pixel accuracy and IoU of a sketch segmenter on held-out shards.
 
-Every sample of a held-out shard set is segmented once, in shard order (under torchrun,
+``python -m ssgan_dist.evaluation.evaluate_segmenter`` (console script
+``ssgan-evaluate-segmenter``). Every sample of a held-out shard set is segmented once, in shard order (under torchrun,
 sample i on rank i % world_size, the confusion matrices summed, so any rank count gives the
 same numbers), and scored on its labelled stroke pixels, the pixels the segmenter is trained
 on (models/segmenter.py): pixel accuracy, per-class IoU and accuracy (recall), mean IoU over
@@ -13,24 +14,23 @@ are counted but not scored.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ssgan_dist.data.ordered import OrderedSamples
-from ssgan_dist.data.schema import BadSample, class_name, stroke_mask
-from ssgan_dist.data.torch_loader import resolve_shards
+from ssgan_dist.data.schema import BadSample
+from ssgan_dist.data.shards import resolve_shards
+from ssgan_dist.distributed.collectives import sum_over_ranks
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.errors import SetupError
-from ssgan_dist.evaluate import run_command, write_record
-from ssgan_dist.inference import LoadedSegmenter, load_segmenter, run_segmenter
-
-log = logging.getLogger("ssgan_dist.evaluate_segmenter")
+from ssgan_dist.evaluation.evaluate import run_command
+from ssgan_dist.evaluation.inference import LoadedSegmenter, load_segmenter, run_segmenter
+from ssgan_dist.labels import class_name, stroke_mask
+from ssgan_dist.shell import command_name, write_record
 
 
 def confusion(pred: torch.Tensor, label: torch.Tensor, sketch: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -79,9 +79,7 @@ def evaluate_segmenter(loaded: LoadedSegmenter, shards: list[str], env: DistEnv,
     except BadSample as bad:
         raise SetupError(f"{shards_option}: {bad} ({loaded.path} takes {m.image_size}x{m.image_size} samples "
                          f"with class indices below {m.num_classes})") from None
-    counts = torch.cat([conf.flatten(), torch.tensor([samples, len(reader.skipped)])]).to(env.device)
-    if env.distributed:
-        dist.all_reduce(counts)
+    counts = sum_over_ranks(torch.cat([conf.flatten(), torch.tensor([samples, len(reader.skipped)])]).to(env.device))
     counts = counts.cpu().numpy()
     if counts[-2] == 0:
         raise SetupError(f"{shards_option}: no usable samples")
@@ -101,7 +99,8 @@ def format_table(record: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ssgan_dist.evaluate_segmenter", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.evaluation.evaluate_segmenter"),
+                                description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a segmenter's ckpt-*.pt, or its run directory (newest)")
     p.add_argument("--shards", required=True, help="held-out shards (dir, brace pattern, comma list)")
     p.add_argument("--out", default="", help="write the results as JSON here")

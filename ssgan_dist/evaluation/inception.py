@@ -14,7 +14,6 @@ installed with ``--no-deps`` and its Inception module is imported without runnin
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import sys
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from ssgan_dist.errors import SetupError
-from ssgan_dist.inference import to_uint8
+from ssgan_dist.images import to_uint8
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 NUM_FEATURES = 2048  # pool3
@@ -110,10 +109,3 @@ def load_inception(path: str | Path, option: str = "--inception-weights") -> Inc
         raise InceptionWeightsError(f"{option}: {path}: {exc}") from None
     return InceptionFeatures(net)
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -1,4 +1,6 @@
-"""``python shards/build.py``: turn a dataset into webdataset shards, or check shards.
+"""Turn a dataset into webdataset shards, or check shards.
+
+``python -m ssgan_dist.data.build`` (console script ``ssgan-shards``) with one of::
 
     sketchycoco --root DIR --split trainInTrain|valInTrain|val --out DIR
     folder --sketch DIR --label DIR --image DIR --out DIR
@@ -25,9 +27,9 @@ import numpy as np
 
 from ssgan_dist.data import folder, sketchycoco
 from ssgan_dist.data.verify import verify
-from ssgan_dist.data.writer import (BadSource, Encoded, ManifestError, Sample, build_synthetic_shards,
-                                    parallel_encode, write_encoded)
+from ssgan_dist.data.writer import BadSource, Encoded, Sample, build_synthetic_shards, parallel_encode, write_encoded
 from ssgan_dist.errors import SetupError
+from ssgan_dist.shell import command_name, run_cli, setup_logging
 
 log = logging.getLogger("ssgan_dist.shards")
 
@@ -116,7 +118,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python shards/build.py", description=__doc__.splitlines()[0])
+    top = argparse.ArgumentParser(prog=command_name("ssgan_dist.data.build"), description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
 
     def builder(name: str, help: str) -> argparse.ArgumentParser:
@@ -152,18 +154,17 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    setup_logging()
+    command = {"sketchycoco": _sketchycoco, "folder": _folder, "synthetic": _synthetic, "verify": _verify}
+    return run_cli(lambda: command[args.command](_checked(args)))
+
+
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
     for option in ("size", "samples_per_shard", "count", "num_classes"):
         value = getattr(args, option, None)
         if value is not None and value < 1:
-            print(f"error: --{option.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
-            return 2
-    command = {"sketchycoco": _sketchycoco, "folder": _folder, "synthetic": _synthetic, "verify": _verify}
-    try:
-        return command[args.command](args)
-    except (SetupError, BadSource, ManifestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+            raise SetupError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
+    return args
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""The rank collectives everything else uses; each is a no-op (or the obvious value) without a
+process group, so one code path serves one process and N ranks.
+
+Each is called on every rank in the same order, as every collective must be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def _ranks() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces on the GPU, gloo on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    if _ranks() > 1:
+        dist.barrier()
+
+
+def gather_to_all(obj: T) -> list[T]:
+    """``obj`` of every rank, in rank order, on every rank (a list of one without a process group)."""
+    if _ranks() == 1:
+        return [obj]
+    out: list[Any] = [None] * _ranks()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 only, its value handed to every rank."""
+    if _ranks() == 1:
+        return fn()
+    value = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(value, src=0)
+    return value[0]
+
+
+def any_rank(flag: bool | torch.Tensor) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one one-element all-reduce).
+
+    A tensor flag stays on its device until the reduce is done: the host waits once, for
+    the answer, not also for the flag.
+    """
+    t = flag.detach().float().reshape(1) if isinstance(flag, torch.Tensor) else None
+    if _ranks() > 1:
+        if t is None:
+            t = torch.tensor([float(flag)], device=_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item()) if t is not None else bool(flag)
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``tensor`` over ranks (in place), e.g. counts each rank made."""
+    if _ranks() > 1:
+        dist.all_reduce(tensor)
+    return tensor

@@ -1,0 +1,43 @@
+"""What every engine does alike with a network before training it: the network's spec, its
+module prepared (device, memory format, synchronized BN, recomputation) and its Adam."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ssgan_dist.distributed.env import DistEnv
+from ssgan_dist.distributed.sync_bn import convert_sync_batchnorm
+from ssgan_dist.precision import memory_format
+
+
+@dataclass
+class NetSpec:
+    """One network an engine trains, with its Adam's settings."""
+
+    module: nn.Module
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    sync_bn: bool = False  # synchronize its BatchNorm statistics across ranks
+    grad_checkpoint: bool = False  # recompute activations in backward (the module must support it)
+
+
+def adam(spec: NetSpec, params: Iterable[torch.Tensor]) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def prepare_module(spec: NetSpec, env: DistEnv, channels_last: bool) -> nn.Module:
+    """The network on this rank's device and memory format, its BatchNorms synchronized and
+    its recomputation switched on as the spec says."""
+    module = spec.module
+    if spec.sync_bn and env.distributed:
+        module = convert_sync_batchnorm(module, env.device)
+    if spec.grad_checkpoint:
+        if not hasattr(module, "grad_checkpoint"):
+            raise ValueError(f"{type(module).__name__} cannot recompute its activations (no grad_checkpoint switch)")
+        module.grad_checkpoint = True
+    return module.to(env.device, memory_format=memory_format(channels_last))

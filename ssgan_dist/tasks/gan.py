@@ -1,0 +1,156 @@
+"""The GAN task (``run.task=gan``): G and D, the hinge, feature-matching and VGG losses.
+
+One step reads top to bottom: the G step with D frozen (real and fake through D in one
+batch), then the D step on the detached fakes of that G step. z is a pure function of
+(seed, step), so a resumed run draws the same noise and N ranks x B draw the same z as
+1 rank x N*B.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssgan_dist.config import Config, LossConfig
+from ssgan_dist.distributed.engine import Engine, build_engine
+from ssgan_dist.distributed.env import DistEnv
+from ssgan_dist.distributed.optim import NetSpec
+from ssgan_dist.evaluation.evaluate import EvalSpec, evaluate_generator
+from ssgan_dist.grid import make_grid
+from ssgan_dist.labels import onehot
+from ssgan_dist.losses import VGGLoss, d_hinge_loss, feature_matching_loss, g_hinge_loss
+from ssgan_dist.models import build_discriminator, build_generator, load_vgg19
+from ssgan_dist.precision import autocast, memory_format
+from ssgan_dist.rng import seeded_generator
+from ssgan_dist.summary import count_flops
+from ssgan_dist.tasks.base import StepOutput, nonfinite_anywhere
+from ssgan_dist.telemetry import MetricSeries
+
+log = logging.getLogger(__name__)
+
+SERIES = MetricSeries(step_phases=("g_step", "d_step"), terms=("g_gan", "g_fm", "g_vgg", "g_total", "d_hinge"),
+                      nets=("G", "D"))
+
+
+def build_vgg_loss(loss: LossConfig, device: torch.device) -> VGGLoss | None:
+    """The perceptual loss, or None (logged) when loss.vgg or loss.lambda_vgg switches it off."""
+    if not loss.vgg or loss.lambda_vgg == 0:
+        log.info("perceptual (VGG19) loss skipped: loss.vgg=%s, loss.lambda_vgg=%s", loss.vgg, loss.lambda_vgg)
+        return None
+    return VGGLoss(load_vgg19(loss.vgg_weights)).to(device)
+
+
+Pred = list[list[torch.Tensor]]  # D's outputs: per scale, its features (the last: patch logits)
+
+
+def split_real_fake(feats: Pred, n: int) -> tuple[Pred, Pred]:
+    """D ran on cat([fake, real]): its outputs split back into (fake, real)."""
+    return [[f[:n] for f in scale] for scale in feats], [[f[n:] for f in scale] for scale in feats]
+
+
+class GANTask:
+    """SSGAN's G and D in one engine, and the perceptual loss."""
+
+    name: ClassVar[str] = "gan"
+    series: ClassVar[MetricSeries] = SERIES
+    progress_terms: ClassVar[dict[str, str]] = {"G": "g_total", "D": "d_hinge"}
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        o, t = cfg.optim, cfg.train
+        nets = {
+            "G": NetSpec(build_generator(cfg.model), o.lr_g, (o.beta1, o.beta2), o.eps, sync_bn=cfg.model.sync_bn,
+                         grad_checkpoint=t.grad_checkpoint),
+            "D": NetSpec(build_discriminator(cfg.model), o.lr_d, (o.beta1, o.beta2), o.eps),
+        }
+        self.engine: Engine = build_engine(cfg.engine, env, nets, precision=t.precision,
+                                           channels_last=t.channels_last, batch_size=t.batch_size)
+        self.vgg_loss = build_vgg_loss(cfg.loss, env.device)
+
+    @property
+    def G(self) -> nn.Module:
+        return self.engine.module("G")
+
+    @property
+    def D(self) -> nn.Module:
+        return self.engine.module("D")
+
+    @staticmethod
+    def flops_per_image(cfg: Config) -> float:
+        """Forward counts from summary.count_flops, backward = 2x forward.
+
+        G step: G forward + backward (3 G) and D on fake and real, forward + backward (3 x 2 D);
+        D step: D on fake and real again (3 x 2 D). The frozen VGG19 of the perceptual loss is
+        not the model and is left out, as MFU conventions leave out such fixed feature nets.
+        """
+        counts = count_flops(cfg.model)
+        return 3.0 * counts["generator"]["flops"] + 12.0 * counts["discriminator"]["flops"]
+
+    @staticmethod
+    def signature(config: dict[str, Any]) -> dict[str, Any]:
+        """Every model.* setting but sync_bn, which changes no parameter."""
+        return {f"model.{k}": v for k, v in config["model"].items() if k != "sync_bn"}
+
+    def step_noise(self, step: int, batch: int) -> torch.Tensor | None:
+        """This rank's slice of the global batch's z at ``step`` (None when model.use_z is off)."""
+        m = self.cfg.model
+        if not m.use_z:
+            return None
+        z = torch.randn(self.env.world_size * batch, m.z_dim, generator=seeded_generator(self.cfg.run.seed, step))
+        return z[self.env.rank * batch:(self.env.rank + 1) * batch].to(self.env.device)
+
+    def train_step(self, batch: dict[str, Any], step: int, lap: Callable[[str], None]) -> StepOutput:
+        cfg, dev, engine = self.cfg, self.env.device, self.engine
+        fmt = memory_format(cfg.train.channels_last)
+        real = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
+        m0 = onehot(batch["label"].to(dev, non_blocking=True), cfg.model.num_classes).contiguous(memory_format=fmt)
+        z = self.step_noise(step, real.shape[0])
+        n = real.shape[0]
+
+        # G step: D frozen (its bare module, see engine.py); real and fake through D in one batch.
+        self.D.requires_grad_(False)
+        with autocast(cfg.train.precision, dev):
+            fake, masks = engine.wrapped("G")(m0, z, return_masks=True)
+            pred_fake, pred_real = split_real_fake(self.D(torch.cat([m0, m0]), torch.cat([fake, real])), n)
+            g_gan = g_hinge_loss(pred_fake)
+            g_fm = feature_matching_loss(pred_fake, pred_real) * cfg.loss.lambda_fm
+            g_vgg = self.vgg_loss(fake, real) * cfg.loss.lambda_vgg if self.vgg_loss else torch.zeros((), device=dev)
+            g_total = g_gan + g_fm + g_vgg
+        skip_g = nonfinite_anywhere(g_total)
+        engine.backward_step("G", g_total, skip_g)
+        lap("g_step")  # its optimizer step is timed apart, see telemetry.PhaseTimer
+        self.D.requires_grad_(True)
+
+        # D step on the fakes of this step, detached from G.
+        with autocast(cfg.train.precision, dev):
+            pred_fake, pred_real = split_real_fake(
+                engine.wrapped("D")(torch.cat([m0, m0]), torch.cat([fake.detach(), real])), n)
+            d_loss = d_hinge_loss(pred_real, pred_fake)
+        skip_d = nonfinite_anywhere(d_loss)
+        engine.backward_step("D", d_loss, skip_d)
+        lap("d_step")
+
+        losses = {"g_gan": g_gan, "g_fm": g_fm, "g_vgg": g_vgg, "g_total": g_total, "d_hinge": d_loss}
+        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()  # one device sync
+        visuals = {"fake": fake.detach(), **({"mask": masks[-1]} if masks else {})}
+        return StepOutput(dict(zip(losses, values)), skip_g or skip_d, visuals)
+
+    def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
+        """Rows of sketch | label | generated | real | argmax of the SFM's last learned mask."""
+        visuals = out.visuals
+        return make_grid(batch["sketch"], batch["label"], [visuals["fake"]], batch["image"], visuals.get("mask"))
+
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        """FID and SSIM every eval.every steps (evaluation.evaluate), logged."""
+        e = self.cfg.eval
+        if not (e.every and step % e.every == 0):
+            return None
+        result = evaluate_generator(self.G, self.cfg.model, self.env, EvalSpec.for_training(e, self.cfg.data))
+        log.info("eval at step %d: FID %.3f  SSIM %.4f  (%d samples, %.1f s)", step, result["fid"], result["ssim"],
+                 result["samples"], result["seconds"])
+        return result

@@ -1,0 +1,84 @@
+"""The sketch segmenter task (``run.task=segmenter``): S, trained with cross-entropy on the
+labelled stroke pixels (models/segmenter.py), through the Trainer's loop like the GAN.
+
+A checkpoint holds S, its Adam and loss scaler (``S``, ``opt_s``, ``scaler_s``) beside what
+every checkpoint holds; ``run.task`` in its config tells the two tasks apart. What the
+segmenter cannot do (DeepSpeed, recomputation, evaluation during training) config.py
+refuses before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+
+from ssgan_dist.config import Config
+from ssgan_dist.distributed.engine import Engine, build_engine
+from ssgan_dist.distributed.env import DistEnv
+from ssgan_dist.distributed.optim import NetSpec
+from ssgan_dist.grid import make_grid
+from ssgan_dist.labels import onehot
+from ssgan_dist.models.segmenter import build_segmenter, predict_labels, stroke_cross_entropy
+from ssgan_dist.precision import autocast, memory_format
+from ssgan_dist.summary import count_segmenter_flops
+from ssgan_dist.tasks.base import StepOutput, nonfinite_anywhere
+from ssgan_dist.telemetry import MetricSeries
+
+# One network, so one step phase, one loss term and one learning rate.
+SERIES = MetricSeries(step_phases=("s_step",), terms=("s_ce",), nets=("S",))
+
+
+class SegmenterTask:
+    """The sketch segmenter S in a DDP engine, Adam (0.9, 0.999) at segmenter.lr."""
+
+    name: ClassVar[str] = "segmenter"
+    series: ClassVar[MetricSeries] = SERIES
+    progress_terms: ClassVar[dict[str, str]] = {"CE": "s_ce"}
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        t = cfg.train
+        nets = {"S": NetSpec(build_segmenter(cfg.segmenter, cfg.model.num_classes), cfg.segmenter.lr)}
+        self.engine: Engine = build_engine(cfg.engine, env, nets, precision=t.precision,
+                                           channels_last=t.channels_last, batch_size=t.batch_size)
+
+    @property
+    def S(self) -> nn.Module:
+        return self.engine.module("S")
+
+    @staticmethod
+    def flops_per_image(cfg: Config) -> float:
+        """Forward and backward: 3 forwards of the segmenter."""
+        return 3.0 * count_segmenter_flops(cfg.segmenter, cfg.model.num_classes, cfg.model.image_size)["flops"]
+
+    @staticmethod
+    def signature(config: dict[str, Any]) -> dict[str, Any]:
+        """The settings that fix S's parameters: its classes, input size and architecture."""
+        model, seg = config["model"], config["segmenter"]
+        return {"model.num_classes": model["num_classes"], "model.image_size": model["image_size"],
+                **{f"segmenter.{k}": seg[k] for k in ("width", "levels", "dilations")}}
+
+    def train_step(self, batch: dict[str, Any], step: int, lap: Callable[[str], None]) -> StepOutput:
+        cfg, dev = self.cfg, self.env.device
+        fmt = memory_format(cfg.train.channels_last)
+        sketch = batch["sketch"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
+        label = batch["label"].to(dev, non_blocking=True)
+        with autocast(cfg.train.precision, dev):
+            logits = self.engine.wrapped("S")(sketch)
+        loss = stroke_cross_entropy(logits, label, sketch)
+        skip = nonfinite_anywhere(loss)
+        self.engine.backward_step("S", loss, skip)
+        lap("s_step")
+        return StepOutput({"s_ce": float(loss.detach())}, skip, {"pred": predict_labels(logits.detach(), sketch)})
+
+    def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
+        """Rows of sketch | true M0 | predicted M0 (make_grid's mask column: the argmax of a one-hot)."""
+        pred = onehot(out.visuals["pred"].cpu(), self.cfg.model.num_classes)
+        return make_grid(batch["sketch"], batch["label"], [], mask=pred)
+
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        """Nothing during training: evaluation.evaluate_segmenter scores its checkpoints."""
+        return None
