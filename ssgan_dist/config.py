@@ -8,11 +8,14 @@ the first second and names the key, not after an hour in a queue.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -30,31 +33,51 @@ class ConfigError(SetupError):
     """A config key or value that cannot be used; the message names the key."""
 
 
+def setting(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
+            above: float | None = None, resume: bool = False) -> Any:
+    """A config key: its default, its one-line doc (``--help`` lists it), its range (``low`` <=
+    value <= ``high``, value > ``above``; checked for every number and every list element) and
+    whether it may change when a run resumes from a checkpoint (``resume``: cadences, logging,
+    paths that may move; anything else must be named in checkpoint.allow_changes)."""
+    meta = {"doc": doc, "low": low, "high": high, "above": above, "resume": resume}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RunConfig:
-    dir: str = "runs/demo"  # checkpoints, samples, resolved config and logs go here
-    seed: int = 0
-    name: str = "ssgan"  # the Prometheus `job` label and the log prefix
-    task: Literal["gan", "segmenter"] = "gan"  # segmenter: train the sketch -> M0 network (segmenter.*)
+    """Where a run lives and what it trains."""
+
+    dir: str = setting("runs/demo", "run directory: checkpoints, samples, logs and the resolved config", resume=True)
+    seed: int = setting(0, "seed of weights, data order, flips and noise (every rank alike)", low=0)
+    name: str = setting("ssgan", "run name: Prometheus `job` label, log prefix, file_sd file name", resume=True)
+    task: Literal["gan", "segmenter"] = setting("gan", "what to train: the GAN (SSGAN/SPADE) or the sketch "
+                                                "segmenter (sketch -> M0, segmenter.*)")
 
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 20  # label channels C, index 0 = no label
-    background_classes: list[int] = field(default_factory=lambda: list(BACKGROUND_CLASSES))
-    image_size: int = 256
-    ngf: int = 64
-    ndf: int = 64
-    spade_hidden: int = 128  # SPADE's shared conv width (hard-coded 128 in NVlabs SPADE)
-    z_dim: int = 256
-    use_z: bool = True  # z -> linear; false: downsampled label map -> conv (SPADE without VAE)
-    num_upsampling: Literal["normal", "more", "most"] = "normal"
-    spectral_norm: bool = True
-    sfm: bool = True  # false gives exactly the SPADE generator (the GauGAN baseline)
-    sfm_hidden: int = 32  # width of the SFM's F1 and F2 conv nets
-    sync_bn: bool = True  # synchronize the SPADE BatchNorm statistics across ranks
-    d_scales: int = 2
-    d_layers: int = 4
+    """The GAN's networks (shapes: a checkpoint must match them)."""
+
+    num_classes: int = setting(20, "label channels C of M0; index 0 = no label", low=2, high=256)
+    background_classes: list[int] = setting(list(BACKGROUND_CLASSES), "classes the SFM treats as background "
+                                            "(zeroed in Mf); SketchyCOCO: clouds, grass, sky, tree", low=1)
+    image_size: int = setting(256, "square image size in px; a multiple of 2^upsamplings", low=8, high=4096)
+    ngf: int = setting(64, "generator width (SPADE's ngf)", low=1, high=1024)
+    ndf: int = setting(64, "discriminator width (SPADE's ndf)", low=1, high=1024)
+    spade_hidden: int = setting(128, "SPADE norm's shared conv width (128 in NVlabs SPADE)", low=1, high=4096)
+    z_dim: int = setting(256, "noise dimension (model.use_z)", low=1, high=65536)
+    use_z: bool = setting(True, "start from z through a linear layer; false: from the downsampled label map "
+                          "through a conv (SPADE without its VAE)")
+    num_upsampling: Literal["normal", "more", "most"] = setting("normal", "x2 upsamplings of G: 5, 6 or 7 "
+                                                                "(SPADE's num_upsampling_layers)")
+    spectral_norm: bool = setting(True, "spectral norm on G's block convs and D's convs")
+    sfm: bool = setting(True, "Semantic Fusion Modules (SSGAN); false: exactly SPADE's generator (the baseline)")
+    sfm_hidden: int = setting(32, "width of the SFM's F1 and F2 conv nets", low=1, high=4096)
+    sync_bn: bool = setting(True, "synchronize the SPADE BatchNorm statistics across ranks", resume=True)
+    d_scales: int = setting(2, "discriminator scales (multi-scale PatchGAN)", low=1, high=8)
+    d_layers: int = setting(4, "layers per discriminator scale", low=1, high=10)
 
 
 @dataclass
@@ -62,84 +85,144 @@ class SegmenterConfig:
     """The sketch segmenter (paper step (i)): a small U-Net; its classes are model.num_classes
     and its input size model.image_size, so that its M0 fits the generator it feeds."""
 
-    width: int = 32  # channels of the first level, doubled at every level below it
-    levels: int = 3  # resolutions of the U-Net: image_size must be a multiple of 2^(levels - 1)
-    dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # bottleneck convs: context along strokes
-    lr: float = 1e-3  # Adam, betas (0.9, 0.999)
+    width: int = setting(32, "channels of the first U-Net level, doubled at every level below", low=1, high=4096)
+    levels: int = setting(3, "U-Net resolutions; image_size must be a multiple of 2^(levels - 1)", low=1, high=10)
+    dilations: list[int] = setting([1, 2, 4, 8], "dilations of the bottleneck convs (context along strokes)", low=1)
+    lr: float = setting(1e-3, "Adam learning rate (betas 0.9, 0.999)", above=0.0, high=1.0)
 
 
 @dataclass
 class LossConfig:
-    lambda_fm: float = 10.0
-    lambda_vgg: float = 10.0
-    vgg: bool = True  # false skips the perceptual loss (the demo does, and logs it)
-    vgg_weights: str = ""  # torchvision VGG19 state dict; empty: look in the torch hub cache
+    """The generator's loss terms (the hinge GAN loss is always on)."""
+
+    lambda_fm: float = setting(10.0, "weight of D's feature-matching loss", low=0.0)
+    lambda_vgg: float = setting(10.0, "weight of the VGG19 perceptual loss", low=0.0)
+    vgg: bool = setting(True, "the VGG19 perceptual loss; false skips it (the demo, without weights)")
+    vgg_weights: str = setting("", "torchvision VGG19 state dict (vgg19-dcbb9e9d.pth); empty: the torch hub cache",
+                               resume=True)
+    vgg_input: Literal["raw", "imagenet"] = setting("raw", "what VGG19 sees: raw [-1, 1] images as NVlabs SPADE "
+                                                    "feeds them, or ImageNet-normalised [0, 1] images")
 
 
 @dataclass
 class OptimConfig:
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.0
-    beta2: float = 0.999
-    eps: float = 1e-8  # Adam's epsilon
+    """Adam for G and D (the paper: lr 2e-4 both, betas (0, 0.999); SPADE's TTUR: 1e-4 / 4e-4, (0, 0.9))."""
+
+    lr_g: float = setting(2e-4, "G's learning rate", above=0.0, high=1.0)
+    lr_d: float = setting(2e-4, "D's learning rate", above=0.0, high=1.0)
+    beta1: float = setting(0.0, "Adam beta1", low=0.0, high=0.9999)
+    beta2: float = setting(0.999, "Adam beta2", low=0.0, high=0.9999999)
+    eps: float = setting(1e-8, "Adam epsilon", above=0.0, high=1.0)
+    decay_steps: int = setting(0, "linear decay of both learning rates to 0 over the last N steps of "
+                               "train.max_steps (SPADE's niter_decay); 0: constant", low=0)
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 1  # per rank
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_checkpoint: bool = False
-    channels_last: bool = False  # NHWC activations: faster convolutions on tensor-core GPUs
-    log_every: int = 10
-    sample_every: int = 100
-    threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
-    progress: bool = True
+    """The loop: length, batch, precision, the step's options and its reporting."""
+
+    max_steps: int = setting(1000, "optimizer steps to train", low=1, resume=True)
+    batch_size: int = setting(1, "images per rank per micro-batch", low=1)
+    accum_steps: int = setting(1, "micro-batches per optimizer step (gradient accumulation); effective batch = "
+                               "batch_size x accum_steps x ranks", low=1, high=1024)
+    precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "autocast dtype; fp16 adds a loss scaler per network")
+    grad_checkpoint: bool = setting(False, "recompute each SPADE block in backward (less memory, same results)",
+                                    resume=True)
+    channels_last: bool = setting(False, "NHWC activations: faster convolutions on tensor-core GPUs", resume=True)
+    compile: bool = setting(False, "torch.compile G, D and the VGG loss", resume=True)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = setting(
+        "default", "torch.compile mode", resume=True)
+    compile_cache: str = setting("", "on-disk compile cache, kept across restarts; empty: <cache root>/compile",
+                                 resume=True)
+    d_fakes: Literal["reuse", "regenerate"] = setting("reuse", "the D step's fakes: the G step's, detached (one G "
+                                                      "forward less), or a new G forward after G's update (SPADE)")
+    ema: float = setting(0.0, "decay of an exponential moving average of G's weights (e.g. 0.999); samples, "
+                         "evaluation and generate use it; 0: off", low=0.0, high=0.999999)
+    log_every: int = setting(10, "log losses, img/s and ETA every N steps", low=1, resume=True)
+    sample_every: int = setting(100, "write a sample grid every N steps", low=1, resume=True)
+    threads: int = setting(0, "torch intra-op threads per process; 0: torch's default", low=0, high=1024, resume=True)
+    progress: bool = setting(True, "progress bar on a terminal (plain periodic lines otherwise)", resume=True)
+    tensorboard: bool = setting(True, "TensorBoard scalars and samples in run.dir/tb when tensorboard is installed",
+                                resume=True)
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # dir, brace pattern or comma list of .tar; empty: synthetic cache
-    loader: Literal["auto", "torch", "dali"] = "auto"
-    num_workers: int = 1
-    on_error: Literal["skip", "raise"] = "skip"
-    flip: bool = True
-    synthetic_count: int = 256  # samples generated for the embedded default
-    synthetic_per_shard: int = 64
-    cache_dir: str = ""  # where the embedded default's shards live; empty: ~/.cache/ssgan_dist
+    """Where batches come from and what happens to bad samples."""
+
+    shards: str = setting("", "training shards: a dir, brace pattern or comma list of .tar; empty: synthetic "
+                          "scenes (data.allow_synthetic)")
+    allow_synthetic: bool = setting(True, "with data.shards empty, train on generated synthetic scenes; paper "
+                                    "presets set false so they never train on toy data by accident", resume=True)
+    loader: Literal["auto", "torch", "dali"] = setting("auto", "auto: DALI when installed and on a GPU, else torch")
+    num_workers: int = setting(1, "loader processes (torch) or threads (DALI) per rank", low=0, high=256)
+    on_error: Literal["skip", "raise"] = setting("skip", "a bad sample: skip, log and count it, or stop the run",
+                                                 resume=True)
+    flip: bool = setting(True, "random horizontal flips (sketch, label and image alike)")
+    synthetic_count: int = setting(256, "synthetic scenes generated for the embedded default", low=1)
+    synthetic_per_shard: int = setting(64, "synthetic scenes per shard", low=1)
+    cache_dir: str = setting("", "cache of synthetic shards, FID statistics and compiled kernels; empty: "
+                             "$SSGAN_CACHE or ~/.cache/ssgan_dist", resume=True)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500
-    keep: int = 3
-    resume: bool = True  # continue from the newest checkpoint in run.dir
+    """Run-state checkpoints in run.dir: cadence, retention, resume."""
+
+    every: int = setting(500, "write a checkpoint every N steps (and at the end)", low=1, resume=True)
+    keep: int = setting(3, "newest readable checkpoints kept", low=1, resume=True)
+    resume: bool = setting(True, "continue from the newest checkpoint in run.dir", resume=True)
+    allow_changes: list[str] = setting([], "config keys allowed to differ from the checkpoint's on resume (applied, "
+                                       "e.g. [optim.lr_g]); any other difference is refused", resume=True)
+    init_from: str = setting("", "a new run starts from this checkpoint's weights (no optimizer state, step 0); "
+                             "ignored when run.dir holds checkpoints to resume", resume=True)
 
 
 @dataclass
 class EngineConfig:
-    name: Literal["ddp", "deepspeed"] = "ddp"
-    zero_stage: int = 1  # DeepSpeed ZeRO stage 0, 1 or 2
+    """How networks are wrapped and their gradients reduced."""
+
+    name: Literal["ddp", "deepspeed"] = setting("ddp", "DDP, or one DeepSpeed engine per network")
+    zero_stage: int = setting(1, "DeepSpeed ZeRO stage", low=0, high=2)
+    grad_compression: Literal["none", "bf16", "fp16"] = setting("none", "DDP gradient all-reduce in a 16-bit format",
+                                                                resume=True)
+    bucket_mb: float = setting(25.0, "DDP gradient bucket size in MiB", above=0.0, high=4096.0, resume=True)
+
+
+@dataclass
+class DistConfig:
+    """The process group."""
+
+    timeout_s: float = setting(1800.0, "collective timeout: a rank waiting longer for a dead or stuck peer fails "
+                               "instead of hanging", above=0.0, high=86400.0, resume=True)
 
 
 @dataclass
 class MetricsConfig:
-    enabled: bool = False
-    addr: str = "127.0.0.1"
-    port: int = 9400  # rank r serves on port + local rank; 0: each rank picks a free port (see file_sd)
-    file_sd: str = ""  # Prometheus file_sd JSON listing every rank's exporter (a dir: <dir>/<run.name>.json); empty: none
-    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: from telemetry's device table
-    linger_s: float = 0.0  # keep serving this long after the last step so the final values get scraped
+    """The per-rank Prometheus exporter."""
+
+    enabled: bool = setting(False, "serve Prometheus metrics from every rank", resume=True)
+    addr: str = setting("127.0.0.1", "bind address (SLURM jobs bind the node's address)", resume=True)
+    port: int = setting(9400, "rank r serves on port + local rank; 0: every rank picks a free port (see file_sd)",
+                        low=0, high=65535, resume=True)
+    file_sd: str = setting("", "Prometheus file_sd JSON of every rank's exporter (a dir: <dir>/<run.name>.json); "
+                           "empty: none", resume=True)
+    peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0: from telemetry's device table", low=0.0,
+                                resume=True)
+    linger_s: float = setting(0.0, "keep serving this long after the last step so the final values get scraped",
+                              low=0.0, high=3600.0, resume=True)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # evaluate FID/SSIM every N training steps; 0: never during training
-    shards: str = ""  # held-out shards; empty: no evaluation during training
-    inception_weights: str = ""  # pytorch-fid / torch-fidelity Inception weights file
-    max_samples: int = 0  # 0: every sample of eval.shards
-    batch_size: int = 8
+    """FID/SSIM during training."""
+
+    every: int = setting(0, "evaluate every N steps; 0: never during training", low=0, resume=True)
+    shards: str = setting("", "held-out shards to evaluate on", resume=True)
+    inception_weights: str = setting("", "pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)",
+                                     resume=True)
+    max_samples: int = setting(0, "evaluate the first N samples; 0: all", low=0, resume=True)
+    batch_size: int = setting(8, "images per evaluation forward", low=1, resume=True)
 
 
 @dataclass
@@ -153,6 +236,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -288,8 +372,46 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def keys(cfg: Config | None = None) -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """(dotted key, field, value) of every config key, in declaration order."""
+    cfg = cfg or Config()
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            yield f"{section.name}.{f.name}", f, getattr(values, f.name)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every number (and list element) within its key's range, floats finite; names the key."""
+    for key, f, value in keys(cfg):
+        low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
+        for i, v in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            name = f"{key}[{i}]" if isinstance(value, list) else key
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name}: {v} is not a finite number ({f.metadata['doc']})")
+            bounds = [f"at least {low}" if low is not None else "", f"more than {above}" if above is not None else "",
+                      f"at most {high}" if high is not None else ""]
+            if (low is not None and v < low) or (above is not None and v <= above) or (high is not None and v > high):
+                raise ConfigError(f"{name}: {v} is out of range: must be {' and '.join(b for b in bounds if b)} "
+                                  f"({f.metadata['doc']})")
+
+
+def describe_keys() -> str:
+    """One line per key: dotted name, type, default, doc (generated from the dataclasses)."""
+    hints = {section.name: typing.get_type_hints(type(getattr(Config(), section.name)))
+             for section in dataclasses.fields(Config)}
+    lines = []
+    for key, f, default in keys():
+        section, name = key.split(".")
+        lines.append(f"  {key} ({_type_name(hints[section][name])}, default {default!r}): {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a single field's type cannot express."""
+    """Ranges of every key, then the cross-field checks that a single key cannot express."""
+    check_ranges(cfg)
     m = cfg.model
     n_up = NUM_UPSAMPLING[m.num_upsampling]
     if m.image_size % (2**n_up) != 0:
@@ -297,37 +419,15 @@ def validate(cfg: Config) -> None:
             f"model.image_size: {m.image_size} is not a multiple of {2**n_up} "
             f"(2^upsamplings for model.num_upsampling={m.num_upsampling})"
         )
-    if m.num_classes < 2:
-        raise ConfigError("model.num_classes: at least 2 (0 = no label, plus one class)")
     for c in m.background_classes:
         if not 0 < c < m.num_classes:
             raise ConfigError(
                 f"model.background_classes: {c} is outside 1..{m.num_classes - 1} (model.num_classes)"
             )
-    positive = {
-        "model.ngf": m.ngf, "model.ndf": m.ndf, "model.spade_hidden": m.spade_hidden,
-        "model.z_dim": m.z_dim, "model.sfm_hidden": m.sfm_hidden, "model.d_scales": m.d_scales,
-        "model.d_layers": m.d_layers, "train.batch_size": cfg.train.batch_size,
-        "train.max_steps": cfg.train.max_steps, "train.log_every": cfg.train.log_every,
-        "train.sample_every": cfg.train.sample_every, "checkpoint.every": cfg.checkpoint.every,
-        "checkpoint.keep": cfg.checkpoint.keep, "data.synthetic_count": cfg.data.synthetic_count,
-        "data.synthetic_per_shard": cfg.data.synthetic_per_shard,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {value}")
     e = cfg.eval
-    if e.batch_size < 1 or e.max_samples < 0 or e.every < 0:
-        raise ConfigError("eval.batch_size: at least 1; eval.max_samples and eval.every: 0 or more")
     if e.every and not (e.shards and e.inception_weights):
         raise ConfigError(f"eval.every={e.every} needs eval.shards (held-out shards) and eval.inception_weights "
                           "(pt_inception-2015-12-05-6726825d.pth); eval.every=0 trains without evaluating")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers: must be 0 or more, got {cfg.data.num_workers}")
-    if not 0 <= cfg.metrics.port < 65536:
-        raise ConfigError(f"metrics.port: {cfg.metrics.port} is not a TCP port")
-    if cfg.metrics.peak_flops < 0 or cfg.metrics.linger_s < 0:
-        raise ConfigError("metrics.peak_flops and metrics.linger_s: must be 0 or more")
     if cfg.run.task == "segmenter":
         _validate_segmenter(cfg)
 
@@ -340,9 +440,8 @@ def _validate_segmenter(cfg: Config) -> None:
     checkpoint's config), and neither may import the training tasks.
     """
     s = cfg.segmenter
-    if s.width < 1 or s.levels < 1 or not s.dilations or min(s.dilations) < 1 or s.lr <= 0:
-        raise ConfigError("segmenter.width, segmenter.levels, segmenter.dilations (non-empty) and segmenter.lr: "
-                          "must be positive")
+    if not s.dilations:
+        raise ConfigError("segmenter.dilations: give at least one dilation, e.g. [1, 2, 4, 8]")
     if cfg.model.image_size % 2 ** (s.levels - 1):
         raise ConfigError(f"model.image_size: {cfg.model.image_size} is not a multiple of {2 ** (s.levels - 1)} "
                           f"(2^(segmenter.levels - 1) for segmenter.levels={s.levels})")

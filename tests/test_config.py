@@ -78,3 +78,24 @@ def test_cli_rejects_bad_key_before_work(tmp_path):
     assert proc.returncode == 2
     assert "train.max_stepz" in proc.stderr and "max_steps" in proc.stderr
     assert not run_dir.exists()  # nothing was started
+
+
+@pytest.mark.parametrize("override", ["model.image_size=0", "optim.beta1=1.5", "optim.lr_g=-1", "train.threads=-1",
+                                      "loss.lambda_fm=nan", "segmenter.dilations=[0]", "dist.timeout_s=0",
+                                      "metrics.port=70000", "train.ema=1.0"])
+def test_out_of_range_values_are_refused_naming_the_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_every_key_has_a_doc_and_every_number_a_lower_bound():
+    from ssgan_dist.config import describe_keys, keys
+
+    for key, f, default in keys():
+        assert f.metadata.get("doc"), key
+        numbers = default if isinstance(default, list) else [default]
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or key.endswith("dilations"):
+            assert f.metadata["low"] is not None or f.metadata["above"] is not None, key
+        assert f"  {key} (" in describe_keys()
