@@ -20,14 +20,17 @@ import torch
 from tqdm import tqdm
 
 from ssgan_dist import checkpoint as ckpt
-from ssgan_dist.config import Config, ConfigError, load_config, save_config
+from ssgan_dist import resume
+from ssgan_dist.config import Config, ConfigError, load_config
 from ssgan_dist.data.loaders import ShardLoader, build_training_loader
-from ssgan_dist.distributed.collectives import gather_to_all
-from ssgan_dist.distributed.env import DistEnv, setup, teardown
+from ssgan_dist.distributed.collectives import from_main, gather_to_all
+from ssgan_dist.distributed.env import DistEnv, launcher_restarts, setup, teardown
 from ssgan_dist.errors import SetupError
+from ssgan_dist.files import ensure_dir
 from ssgan_dist.images import save_png
 from ssgan_dist.precision import check_precision
 from ssgan_dist.shell import command_name, run_cli, setup_logging
+from ssgan_dist.signals import StopOnSignal
 from ssgan_dist.tasks import TASKS
 from ssgan_dist.tasks.base import StepOutput, Task
 from ssgan_dist.telemetry import Telemetry, build_telemetry
@@ -99,14 +102,102 @@ class Trainer:
         self.telemetry.load_state_dict(state.get("telemetry", {}))
 
     def maybe_resume(self) -> None:
+        """Start the run: resume from run.dir's newest readable checkpoint (rank 0 picks it,
+        every rank loads it), else from checkpoint.init_from's weights, else fresh; then write
+        config.yaml and the history (resume.py). Every refusal happens before anything is written."""
+        chosen = from_main(self._choose_checkpoint)
+        changes: list[resume.Change] = []
+        source = None
+        if chosen is not None:
+            source = Path(chosen)
+            changes = self._resume(source)
+            how = "resumed"
+            if self.cfg.checkpoint.init_from:
+                log.info("checkpoint.init_from=%s ignored: %s holds checkpoints, resuming its own",
+                         self.cfg.checkpoint.init_from, self.run_dir)
+        elif self.cfg.checkpoint.init_from:
+            source = self._init_from(Path(self.cfg.checkpoint.init_from))
+            how = "init_from"
+        else:
+            how = "new"
+        if self.env.is_main:
+            resume.record(self.run_dir, self.cfg, how=how, step=self.step, source=source, changes=changes,
+                          world_size=self.env.world_size)
+
+    def _choose_checkpoint(self) -> str | None:
+        """Rank 0: the checkpoint this run resumes from, None for a new run, or a refusal."""
+        self.ckpt.clean_stale_temps()
+        existing = ckpt.list_checkpoints(self.run_dir)
+        if not existing:
+            return None
         if not self.cfg.checkpoint.resume:
-            return
+            if not launcher_restarts():
+                raise SetupError(
+                    f"checkpoint.resume=false, but run.dir {self.run_dir} holds checkpoints (newest {existing[-1].name}); "
+                    "nothing is deleted for you: give this run another run.dir, continue the old one with "
+                    "checkpoint.resume=true, or move its ckpt-* files away yourself to start over here")
+            log.info("restart %d of this launch: resuming its own checkpoint (checkpoint.resume=false applies to "
+                     "the first start)", launcher_restarts())
         found = self.ckpt.load_latest(map_location="cpu")
-        if found is not None:
+        if found is None:
+            raise SetupError(f"run.dir {self.run_dir}: none of its {len(existing)} checkpoint(s) is readable (moved "
+                             "aside to *.corrupt, see the warnings); start again to train from step 0 here, or "
+                             "restore a checkpoint")
+        self._rank0_state = found[0]
+        return str(found[1])
+
+    def _read_on_every_rank(self, path: Path) -> dict[str, Any]:
+        """The state at ``path`` (rank 0 has it already); every rank fails alike if one cannot read it."""
+        state, problem = getattr(self, "_rank0_state", None), ""
+        self._rank0_state = None
+        if state is None:
+            try:
+                state = ckpt.read(path)
+            except ckpt.Unreadable as exc:
+                problem = f"rank {self.env.rank}: {exc}"
+        problems = [p for p in gather_to_all(problem) if p]
+        if problems:
+            raise SetupError(f"{path}, chosen by rank 0, cannot be read on every rank: {'; '.join(problems)} "
+                             "(is run.dir on a filesystem every node sees?)")
+        return state
+
+    def _resume(self, path: Path) -> list[resume.Change]:
+        state = self._read_on_every_rank(path)
+        ckpt.check_task(state["config"], self.task.name, path)
+        signature = set(self.task.signature(self.cfg.to_dict()))
+        changes = resume.compare(state["config"], self.cfg, signature)
+        resume.check(changes, path)
+        state = resume.adapt_state(state, self.task.engine.state_dict(), changes)
+        self.load_state_dict(state, path)
+        self.task.engine.load_sharded(path)
+        log.info("resumed from %s at step %d", path, self.step)
+        resume.log_changes(changes)
+        return changes
+
+    def _init_from(self, source: Path) -> Path:
+        """checkpoint.init_from: this new run starts from the networks' weights of a checkpoint
+        (a file, or a run directory's newest readable one); fresh optimizers, step 0."""
+        if not source.exists():
+            raise SetupError(f"checkpoint.init_from: no such file or directory {source}")
+        if source.is_dir() and not (source / ckpt.STATE_FILE).is_file():  # a run directory
+            found = ckpt.newest_readable(source, move_unreadable=False)
+            if found is None:
+                raise SetupError(f"checkpoint.init_from: {source} holds no readable checkpoint (ckpt-*.pt)")
             state, path = found
-            self.load_state_dict(state, path)
-            self.task.engine.load_sharded(path)
-            log.info("resumed from %s at step %d", path, self.step)
+        else:  # a checkpoint file, or a sharded checkpoint's directory
+            path = source
+            try:
+                state = ckpt.read(path)
+            except ckpt.Unreadable as exc:
+                raise SetupError(f"checkpoint.init_from: {path} is not a usable checkpoint ({exc})") from None
+        self.check_compatible(state["config"], path)
+        weights = resume.weights_only(state, self.task.engine.state_dict(), path)
+        try:
+            self.task.engine.load_state_dict(weights)
+        except RuntimeError as exc:  # a layout the signature did not catch (e.g. another code version)
+            raise ckpt.CheckpointMismatch(f"checkpoint.init_from: {path} does not fit this model: {exc}") from None
+        log.info("initialised from the weights of %s (its step %d): fresh optimizers, step 0", path, state["step"])
+        return path
 
     def save_checkpoint(self) -> Path:
         engine = self.task.engine
@@ -128,9 +219,6 @@ class Trainer:
         """Train to train.max_steps, or until ``stop_requested`` (asked after every step, on
         every rank alike, so it may hold a collective) says to stop: then checkpoint and return."""
         cfg = self.cfg
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         self.maybe_resume()
         global_batch = cfg.train.batch_size * self.env.world_size
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.env.is_main and cfg.train.progress),
@@ -190,25 +278,37 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     preset, overrides = parse_args(argv)
-    return run_cli(lambda: _train(load_config(preset, overrides), None))
-
-
-def run(cfg: Config, stop_requested: Callable[[], bool] | None = None) -> int:
-    """Train ``cfg`` as this process's rank (torchrun, SLURM or alone): 0 when done or
-    stopped on request, 2 on a setup error. Launchers that stop runs early (SLURM
-    preemption) pass ``stop_requested``, see Trainer.fit."""
-    return run_cli(lambda: _train(cfg, stop_requested))
-
-
-def _train(cfg: Config, stop_requested: Callable[[], bool] | None) -> int:
-    env = setup()
+    stop = StopOnSignal()  # first: a Ctrl-C while the config loads already exits cleanly
     try:
+        return run_cli(lambda: _train(load_config(preset, overrides), stop))
+    finally:
+        stop.restore()
+
+
+def run(cfg: Config, stop: StopOnSignal | None = None) -> int:
+    """Train ``cfg`` as this process's rank (torchrun, SLURM or alone): 0 when done, 2 on a
+    setup error, 128 + the signal when a signal stopped it (after its checkpoint). SIGINT and
+    SIGTERM stop it (signals.py); launchers that handle more (SLURM's requeue) pass their own."""
+    own = stop is None
+    stop = stop or StopOnSignal()
+    try:
+        return run_cli(lambda: _train(cfg, stop))
+    finally:
+        if own:
+            stop.restore()
+
+
+def _train(cfg: Config, stop: StopOnSignal) -> int:
+    env = setup(cfg.dist)
+    try:
+        from_main(lambda: ensure_dir(cfg.run.dir, "run.dir"))  # before its train.log; every rank fails alike
         setup_logging(env.rank, verbose=env.is_main, file=Path(cfg.run.dir) / "train.log" if env.is_main else None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         log.info("rank %d of %d on %s (%s, %s)", env.rank, env.world_size, env.node, env.device, env.backend)
         trainer = Trainer(cfg, env)
-        trainer.fit(stop_requested)
+        stop.arm()
+        trainer.fit(stop)
         if env.is_main:
             last = ckpt.list_checkpoints(trainer.run_dir)
             log.info("%s at step %d; checkpoint: %s; samples: %s",
@@ -216,7 +316,7 @@ def _train(cfg: Config, stop_requested: Callable[[], bool] | None) -> int:
                      last[-1] if last else "none", trainer.run_dir / "samples")
     finally:
         teardown()
-    return 0
+    return stop.exit_code
 
 
 if __name__ == "__main__":
