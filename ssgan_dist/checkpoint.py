@@ -87,10 +87,35 @@ def _state_file(path: Path) -> Path:
     return path / STATE_FILE if path.is_dir() else path
 
 
+class _Sink:
+    """The file torch.save writes to, keeping the OSError of a failed write: torch reports it
+    as a RuntimeError ("unexpected pos ...") that no longer says disk full or which errno."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """torch.save, whole or not at all (files.atomic_write)."""
+    """torch.save, whole or not at all (files.atomic_write); a failed write is a WriteError naming ``path``."""
     with atomic_write(path) as f:
-        torch.save(state, f)
+        sink = _Sink(f)
+        try:
+            torch.save(state, sink)
+        except RuntimeError:
+            if sink.error is None:
+                raise
+            raise sink.error from None  # files.atomic_write turns it into a WriteError naming the path
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -197,8 +222,8 @@ class CheckpointManager:
         try:
             save_shards(tmp)
             mine = ""
-        except (OSError, SetupError) as exc:
-            mine = f"rank {env.rank}: {exc}"
+        except Exception as exc:  # noqa: BLE001 (torch reports a failed write as a RuntimeError): tell every rank
+            mine = f"rank {env.rank}: {type(exc).__name__}: {exc}"
         failures = [f for f in gather_to_all(mine) if f]
         if failures:
             if env.is_main:

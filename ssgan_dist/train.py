@@ -9,9 +9,11 @@ samples, checkpoints and the task's evaluation. ``run.task`` picks the task.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -306,17 +308,29 @@ def _train(cfg: Config, stop: StopOnSignal) -> int:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         log.info("rank %d of %d on %s (%s, %s)", env.rank, env.world_size, env.node, env.device, env.backend)
-        trainer = Trainer(cfg, env)
-        stop.arm()
-        trainer.fit(stop)
-        if env.is_main:
-            last = ckpt.list_checkpoints(trainer.run_dir)
-            log.info("%s at step %d; checkpoint: %s; samples: %s",
-                     "done" if trainer.step >= cfg.train.max_steps else "stopped", trainer.step,
-                     last[-1] if last else "none", trainer.run_dir / "samples")
+        _fit(Trainer(cfg, env), stop)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the frames hold the Trainer: let it go before teardown
+        raise
     finally:
+        # The Trainer (its DDP reducers hold the process group) must be gone before the group
+        # is destroyed: a gloo group whose last reference a reducer drops is destroyed with the
+        # GIL held, and deadlocks if gloo's thread still has a tensor to release (pytorch#56297;
+        # seen once at the end of a 2-rank run). Dropped by the group's own binding, it is not.
+        gc.collect()
         teardown()
     return stop.exit_code
+
+
+def _fit(trainer: Trainer, stop: StopOnSignal) -> None:
+    """Train, then say where things are; the trainer is dropped when this returns."""
+    stop.arm()
+    trainer.fit(stop)
+    if trainer.env.is_main:
+        last = ckpt.list_checkpoints(trainer.run_dir)
+        log.info("%s at step %d; checkpoint: %s; samples: %s",
+                 "done" if trainer.step >= trainer.cfg.train.max_steps else "stopped", trainer.step,
+                 last[-1] if last else "none", trainer.run_dir / "samples")
 
 
 if __name__ == "__main__":

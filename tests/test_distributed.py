@@ -4,6 +4,7 @@ BatchNorm, exact resume, recovery from a killed worker, non-finite losses."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,12 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path, shards32):
     state = _final(tmp_path / "nan")
     assert state["nonfinite_steps"] == 1 and state["step"] == 5
     assert all(torch.isfinite(v).all() for net in ("G", "D") for v in state[net].values() if v.is_floating_point())
+
+
+def test_a_stalled_peer_fails_the_collective_after_dist_timeout_s(tmp_path):
+    """dist.timeout_s is the process group's timeout: rank 0 waiting on a peer that stalls
+    gives up after it (5 s here) instead of hanging for the old fixed 600 s."""
+    proc = subprocess.run(_torchrun(2, str(SCRIPTS / "stalled_peer.py"), "dist.timeout_s=5"), env=ENV,
+                          capture_output=True, text=True, timeout=110)
+    waited = float(re.search(r"gave up after ([\d.]+) s", proc.stdout).group(1))
+    assert 4 <= waited < 30, proc.stdout
