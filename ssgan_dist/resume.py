@@ -1,5 +1,10 @@
-"""How a run starts from a checkpoint: what may differ from the checkpoint's config, what is
-refused, what ``checkpoint.init_from`` copies, and the record of it in run.dir.
+"""How a run starts: which checkpoint it resumes from, what may differ from that checkpoint's
+config, what ``checkpoint.init_from`` copies, and the record of it in run.dir.
+
+Rank 0 picks the checkpoint (:func:`pick`: temporaries of killed writes removed, unreadable
+checkpoints moved aside, ``checkpoint.resume=false`` in a used run.dir refused unless this is
+a launcher's restart of the same launch) and every rank loads that one
+(:func:`read_on_every_rank`).
 
 Resume compares the whole saved config with the new one, key by key (a key the checkpoint
 predates counts as its default):
@@ -30,8 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssgan_dist.checkpoint import CheckpointMismatch
+from ssgan_dist.checkpoint import (STATE_FILE, CheckpointManager, CheckpointMismatch, Unreadable, list_checkpoints,
+                                   newest_readable, read)
 from ssgan_dist.config import Config, flat_values, keys, save_config
+from ssgan_dist.distributed.collectives import gather_to_all
+from ssgan_dist.distributed.engine import Engine
+from ssgan_dist.distributed.env import launcher_restarts
+from ssgan_dist.errors import SetupError
 from ssgan_dist.files import append_jsonl
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,47 @@ class Change:
 
     def __str__(self) -> str:
         return f"{self.key}: {self.old!r} -> {self.new!r}"
+
+
+def pick(manager: CheckpointManager, resume_enabled: bool) -> tuple[dict[str, Any], Path] | None:
+    """Rank 0: the checkpoint (state, path) this run resumes from, None for a new run, or a
+    refusal. Removes the temporaries of killed writes first; unreadable checkpoints are moved
+    aside on the way."""
+    manager.clean_stale_temps()
+    existing = list_checkpoints(manager.run_dir)
+    if not existing:
+        return None
+    if not resume_enabled:
+        if not launcher_restarts():
+            raise SetupError(
+                f"checkpoint.resume=false, but run.dir {manager.run_dir} holds checkpoints (newest {existing[-1].name}); "
+                "nothing is deleted for you: give this run another run.dir, continue the old one with "
+                "checkpoint.resume=true, or move its ckpt-* files away yourself to start over here")
+        log.info("restart %d of this launch: resuming its own checkpoint (checkpoint.resume=false applies to "
+                 "the first start)", launcher_restarts())
+    found = manager.load_latest(map_location="cpu")
+    if found is None:
+        raise SetupError(f"run.dir {manager.run_dir}: none of its {len(existing)} checkpoint(s) is readable (moved "
+                         "aside to *.corrupt, see the warnings); start again to train from step 0 here, or "
+                         "restore a checkpoint")
+    return found
+
+
+def read_on_every_rank(path: Path, state: dict[str, Any] | None, rank: int) -> dict[str, Any]:
+    """The state at ``path``, rank 0's choice (``state``: rank 0 has it already); every rank
+    fails alike, naming the ranks, if one cannot read it (a collective: call on every rank)."""
+    problem = ""
+    if state is None:
+        try:
+            state = read(path)
+        except Unreadable as exc:
+            problem = f"rank {rank}: {exc}"
+    problems = [p for p in gather_to_all(problem) if p]
+    if problems:
+        raise SetupError(f"{path}, chosen by rank 0, cannot be read on every rank: {'; '.join(problems)} "
+                         "(is run.dir on a filesystem every node sees?)")
+    assert state is not None
+    return state
 
 
 def compare(saved: dict[str, Any], cfg: Config, signature_keys: set[str]) -> list[Change]:
@@ -118,15 +169,37 @@ def adapt_state(state: dict[str, Any], fresh: dict[str, Any], changes: list[Chan
     return state
 
 
-def weights_only(source: dict[str, Any], fresh: dict[str, Any], path: Path) -> dict[str, Any]:
-    """An engine state for checkpoint.init_from: the networks' weights of ``source`` (every
-    key of this run's engine state that is not an optimizer or a loss scaler: G and D, or S,
-    and an EMA copy where the engine keeps one), this run's fresh optimizers and scalers."""
+def read_init_from(source: Path) -> tuple[dict[str, Any], Path]:
+    """checkpoint.init_from's state and path: a checkpoint (file, or a sharded checkpoint's
+    directory) or a run directory's newest readable one (someone else's: nothing moved)."""
+    if not source.exists():
+        raise SetupError(f"checkpoint.init_from: no such file or directory {source}")
+    if source.is_dir() and not (source / STATE_FILE).is_file():
+        found = newest_readable(source, move_unreadable=False)
+        if found is None:
+            raise SetupError(f"checkpoint.init_from: {source} holds no readable checkpoint (ckpt-*.pt)")
+        return found
+    try:
+        return read(source), source
+    except Unreadable as exc:
+        raise SetupError(f"checkpoint.init_from: {source} is not a usable checkpoint ({exc})") from None
+
+
+def load_weights(engine: Engine, state: dict[str, Any], path: Path) -> None:
+    """checkpoint.init_from: the networks' weights of ``state`` into ``engine`` (every key of
+    its state that is not an optimizer or a loss scaler: G and D, or S, and an EMA copy where
+    the engine keeps one); its optimizers and scalers stay fresh. The caller has checked the
+    task's signature; a layout it does not cover is refused here."""
+    fresh = engine.state_dict()
     nets = [k for k in fresh if not k.startswith(("opt_", "scaler_"))]
-    missing = [k for k in nets if k not in source]
+    missing = [k for k in nets if k not in state]
     if missing:
         raise CheckpointMismatch(f"checkpoint.init_from: {path} holds no weights for {', '.join(missing)}")
-    return {**fresh, **{k: source[k] for k in nets}}
+    try:
+        engine.load_state_dict({**fresh, **{k: state[k] for k in nets}})
+    except RuntimeError as exc:
+        raise CheckpointMismatch(f"checkpoint.init_from: {path} does not fit this model: {exc}") from None
+    log.info("initialised from the weights of %s (its step %d): fresh optimizers, step 0", path, state["step"])
 
 
 def record(run_dir: Path, cfg: Config, *, how: str, step: int, source: Path | None, changes: list[Change],

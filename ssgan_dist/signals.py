@@ -18,8 +18,8 @@ start resumes from that checkpoint.
   launcher may forward a Ctrl-C that the terminal also delivered; a SIGINT within
   ``REPEAT_S`` of the first counts as that same Ctrl-C.
 * Loader worker processes forked by the trainer inherit the handler and ignore it (the
-  trainer decides; :func:`ignore_in_worker` keeps torch's DataLoader workers alive until
-  their parent stops them).
+  trainer decides); :func:`shield_worker` keeps torch's DataLoader workers alive through a
+  SIGTERM to the whole process group until their parent stops them.
 * Under torchrun, the agent kills workers ``--shutdown-timeout`` seconds (default 30) after
   passing the signal on: the step and the checkpoint must fit in that time (raise it for
   large models on slow disks).
@@ -33,6 +33,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
@@ -51,11 +52,25 @@ def exit_code(signum: int) -> int:
     return 128 + signum
 
 
-def ignore_in_worker(_worker_id: int | None = None) -> None:
-    """For processes a rank forks to help it (loader workers): leave SIGINT and SIGTERM to the
-    rank, which stops them when it stops (a DataLoader ``worker_init_fn``)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def shield_worker(_worker_id: int | None = None) -> None:
+    """A DataLoader ``worker_init_fn``: the worker outlives a SIGINT or SIGTERM sent to the
+    whole process group (a terminal's Ctrl-C, torchrun's agent, SLURM signalling every
+    process of a task), so the rank can finish the step it is fetching a batch for and write
+    its checkpoint; the rank stops its workers itself afterwards. A SIGTERM from the parent
+    (torch's own shutdown of a stuck worker, multiprocessing at exit) still ends it.
+
+    The signals are blocked and taken by a thread with sigwaitinfo, which, unlike a Python
+    handler, sees who sent them."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+
+    def take() -> None:
+        while True:
+            info = signal.sigwaitinfo(stops)
+            if info.si_signo == signal.SIGTERM and info.si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=take, name="stop-signals", daemon=True).start()
 
 
 def _say(text: str) -> None:

@@ -26,7 +26,7 @@ from ssgan_dist import resume
 from ssgan_dist.config import Config, ConfigError, load_config
 from ssgan_dist.data.loaders import ShardLoader, build_training_loader
 from ssgan_dist.distributed.collectives import from_main, gather_to_all
-from ssgan_dist.distributed.env import DistEnv, launcher_restarts, setup, teardown
+from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.errors import SetupError
 from ssgan_dist.files import ensure_dir
 from ssgan_dist.images import save_png
@@ -106,100 +106,37 @@ class Trainer:
     def maybe_resume(self) -> None:
         """Start the run: resume from run.dir's newest readable checkpoint (rank 0 picks it,
         every rank loads it), else from checkpoint.init_from's weights, else fresh; then write
-        config.yaml and the history (resume.py). Every refusal happens before anything is written."""
-        chosen = from_main(self._choose_checkpoint)
+        config.yaml and the history. Every refusal comes before anything is written (resume.py)."""
+        picked: list[tuple[dict[str, Any], Path] | None] = []  # rank 0 keeps the state it has read
+
+        def choose() -> str | None:
+            picked.append(resume.pick(self.ckpt, self.cfg.checkpoint.resume))
+            return str(picked[0][1]) if picked[0] else None
+
+        chosen = from_main(choose)
         changes: list[resume.Change] = []
-        source = None
+        source: Path | None = None
         if chosen is not None:
             source = Path(chosen)
-            changes = self._resume(source)
-            how = "resumed"
+            state = resume.read_on_every_rank(source, picked[0][0] if picked and picked[0] else None, self.env.rank)
+            ckpt.check_task(state["config"], self.task.name, source)
+            changes = resume.compare(state["config"], self.cfg, set(self.task.signature(self.cfg.to_dict())))
+            resume.check(changes, source)
+            self.load_state_dict(resume.adapt_state(state, self.task.engine.state_dict(), changes), source)
+            self.task.engine.load_sharded(source)
+            log.info("resumed from %s at step %d", source, self.step)
+            resume.log_changes(changes)
             if self.cfg.checkpoint.init_from:
                 log.info("checkpoint.init_from=%s ignored: %s holds checkpoints, resuming its own",
                          self.cfg.checkpoint.init_from, self.run_dir)
         elif self.cfg.checkpoint.init_from:
-            source = self._init_from(Path(self.cfg.checkpoint.init_from))
-            how = "init_from"
-        else:
-            how = "new"
+            state, source = resume.read_init_from(Path(self.cfg.checkpoint.init_from))
+            self.check_compatible(state["config"], source)
+            resume.load_weights(self.task.engine, state, source)
         if self.env.is_main:
+            how = "resumed" if chosen else "init_from" if source else "new"
             resume.record(self.run_dir, self.cfg, how=how, step=self.step, source=source, changes=changes,
                           world_size=self.env.world_size)
-
-    def _choose_checkpoint(self) -> str | None:
-        """Rank 0: the checkpoint this run resumes from, None for a new run, or a refusal."""
-        self.ckpt.clean_stale_temps()
-        existing = ckpt.list_checkpoints(self.run_dir)
-        if not existing:
-            return None
-        if not self.cfg.checkpoint.resume:
-            if not launcher_restarts():
-                raise SetupError(
-                    f"checkpoint.resume=false, but run.dir {self.run_dir} holds checkpoints (newest {existing[-1].name}); "
-                    "nothing is deleted for you: give this run another run.dir, continue the old one with "
-                    "checkpoint.resume=true, or move its ckpt-* files away yourself to start over here")
-            log.info("restart %d of this launch: resuming its own checkpoint (checkpoint.resume=false applies to "
-                     "the first start)", launcher_restarts())
-        found = self.ckpt.load_latest(map_location="cpu")
-        if found is None:
-            raise SetupError(f"run.dir {self.run_dir}: none of its {len(existing)} checkpoint(s) is readable (moved "
-                             "aside to *.corrupt, see the warnings); start again to train from step 0 here, or "
-                             "restore a checkpoint")
-        self._rank0_state = found[0]
-        return str(found[1])
-
-    def _read_on_every_rank(self, path: Path) -> dict[str, Any]:
-        """The state at ``path`` (rank 0 has it already); every rank fails alike if one cannot read it."""
-        state, problem = getattr(self, "_rank0_state", None), ""
-        self._rank0_state = None
-        if state is None:
-            try:
-                state = ckpt.read(path)
-            except ckpt.Unreadable as exc:
-                problem = f"rank {self.env.rank}: {exc}"
-        problems = [p for p in gather_to_all(problem) if p]
-        if problems:
-            raise SetupError(f"{path}, chosen by rank 0, cannot be read on every rank: {'; '.join(problems)} "
-                             "(is run.dir on a filesystem every node sees?)")
-        return state
-
-    def _resume(self, path: Path) -> list[resume.Change]:
-        state = self._read_on_every_rank(path)
-        ckpt.check_task(state["config"], self.task.name, path)
-        signature = set(self.task.signature(self.cfg.to_dict()))
-        changes = resume.compare(state["config"], self.cfg, signature)
-        resume.check(changes, path)
-        state = resume.adapt_state(state, self.task.engine.state_dict(), changes)
-        self.load_state_dict(state, path)
-        self.task.engine.load_sharded(path)
-        log.info("resumed from %s at step %d", path, self.step)
-        resume.log_changes(changes)
-        return changes
-
-    def _init_from(self, source: Path) -> Path:
-        """checkpoint.init_from: this new run starts from the networks' weights of a checkpoint
-        (a file, or a run directory's newest readable one); fresh optimizers, step 0."""
-        if not source.exists():
-            raise SetupError(f"checkpoint.init_from: no such file or directory {source}")
-        if source.is_dir() and not (source / ckpt.STATE_FILE).is_file():  # a run directory
-            found = ckpt.newest_readable(source, move_unreadable=False)
-            if found is None:
-                raise SetupError(f"checkpoint.init_from: {source} holds no readable checkpoint (ckpt-*.pt)")
-            state, path = found
-        else:  # a checkpoint file, or a sharded checkpoint's directory
-            path = source
-            try:
-                state = ckpt.read(path)
-            except ckpt.Unreadable as exc:
-                raise SetupError(f"checkpoint.init_from: {path} is not a usable checkpoint ({exc})") from None
-        self.check_compatible(state["config"], path)
-        weights = resume.weights_only(state, self.task.engine.state_dict(), path)
-        try:
-            self.task.engine.load_state_dict(weights)
-        except RuntimeError as exc:  # a layout the signature did not catch (e.g. another code version)
-            raise ckpt.CheckpointMismatch(f"checkpoint.init_from: {path} does not fit this model: {exc}") from None
-        log.info("initialised from the weights of %s (its step %d): fresh optimizers, step 0", path, state["step"])
-        return path
 
     def save_checkpoint(self) -> Path:
         engine = self.task.engine

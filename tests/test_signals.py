@@ -66,6 +66,35 @@ def test_a_repeat_is_not_a_second_ctrl_c():
     assert REPEAT_S <= 1.0
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def test_loader_workers_outlive_a_stop_signal_to_the_process_group(shards32):
+    """A terminal's Ctrl-C, torchrun's agent and SLURM signal every process of the group: the
+    torch loader's worker must keep serving the batch the rank is waiting for. Its parent's
+    own SIGTERM (torch's shutdown of a stuck worker) still ends it."""
+    from ssgan_dist.data.shards import resolve_shards
+    from ssgan_dist.data.torch_loader import build_torch_loader
+
+    loader = build_torch_loader(resolve_shards(str(shards32)), seed=0, rank=0, world_size=1, num_workers=1,
+                                batch_size=2, num_classes=20, image_size=32, on_error="raise", flip=False)
+    next(loader)
+    (worker,) = _children(os.getpid())
+    for signum in (signal.SIGINT, signal.SIGTERM):  # sent by another process, as the group's signal is
+        subprocess.run(["kill", f"-{signal.Signals(signum).name[3:]}", str(worker)], check=True)
+    time.sleep(0.5)
+    for _ in range(8):
+        next(loader)
+    assert Path(f"/proc/{worker}").exists() and worker in _children(os.getpid())
+    os.kill(worker, signal.SIGTERM)  # from the parent
+    deadline = time.monotonic() + 10
+    while worker in _children(os.getpid()) and time.monotonic() < deadline:
+        os.waitpid(worker, os.WNOHANG)
+        time.sleep(0.05)
+    assert worker not in _children(os.getpid())
+
+
 # -- real processes -------------------------------------------------------------------------
 
 
@@ -101,10 +130,12 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_bare_process_stops_with_a_checkpoint_and_resumes(tmp_path, shards32, signum):
+    """The signal goes to the whole process group, as a terminal's Ctrl-C does: the rank and
+    its loader worker get it."""
     run = tmp_path / "run"
-    proc = _start([sys.executable, *_train_args(run, shards32, *LONG, "data.num_workers=1")])
+    proc = _start([sys.executable, *_train_args(run, shards32, *LONG, "data.num_workers=1")], start_new_session=True)
     _wait_for(run / "train.log", r"step 3 ", proc)
-    proc.send_signal(signum)
+    os.killpg(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-3000:]
     assert "Traceback" not in err

@@ -36,6 +36,7 @@ from ssgan_dist.data.schema import BadSample, decode_sample
 from ssgan_dist.data.shards import iter_tar
 from ssgan_dist.errors import SetupError
 from ssgan_dist.rng import seeded_numpy
+from ssgan_dist.signals import shield_worker
 
 
 @dataclass
@@ -185,6 +186,7 @@ class TorchShardLoader:
             num_workers=self.spec.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            worker_init_fn=shield_worker,  # a stop signal to the process group waits for the step
         )
         return iter(loader)
 
