@@ -39,10 +39,10 @@ from ssgan_dist.checkpoint import (STATE_FILE, CheckpointManager, CheckpointMism
                                    newest_readable, read)
 from ssgan_dist.config import Config, flat_values, keys, save_config
 from ssgan_dist.distributed.collectives import gather_to_all
-from ssgan_dist.distributed.engine import Engine
 from ssgan_dist.distributed.env import launcher_restarts
 from ssgan_dist.errors import SetupError
 from ssgan_dist.files import append_jsonl
+from ssgan_dist.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,8 @@ def log_changes(changes: list[Change]) -> None:
 
 
 def adapt_state(state: dict[str, Any], fresh: dict[str, Any], changes: list[Change]) -> dict[str, Any]:
-    """The checkpoint's engine state with what an allowed change replaces: a new
+    """The checkpoint's state with what an allowed change replaces (``fresh``: this run's task
+    state before loading): a new
     train.precision starts with this run's fresh loss scalers (an fp32 run saved none)."""
     if any(c.key == "train.precision" for c in changes):
         state = {**state, **{k: v for k, v in fresh.items() if k.startswith("scaler_")}}
@@ -185,21 +186,25 @@ def read_init_from(source: Path) -> tuple[dict[str, Any], Path]:
         raise SetupError(f"checkpoint.init_from: {source} is not a usable checkpoint ({exc})") from None
 
 
-def load_weights(engine: Engine, state: dict[str, Any], path: Path) -> None:
-    """checkpoint.init_from: the networks' weights of ``state`` into ``engine`` (every key of
-    its state that is not an optimizer or a loss scaler: G and D, or S, and an EMA copy where
-    the engine keeps one); its optimizers and scalers stay fresh. The caller has checked the
-    task's signature; a layout it does not cover is refused here."""
-    fresh = engine.state_dict()
-    nets = [k for k in fresh if not k.startswith(("opt_", "scaler_"))]
+def load_weights(task: Task, state: dict[str, Any], path: Path) -> None:
+    """checkpoint.init_from: the networks' weights of ``state`` into ``task`` (its engine's
+    networks, G and D or S, which the checkpoint must hold; the task's own weights, e.g. the
+    EMA of G, where the checkpoint has them, else the task starts them from the loaded
+    networks); optimizers and scalers stay fresh. The caller has checked the task's
+    signature; a layout it does not cover is refused here."""
+    fresh, engine_keys = task.state_dict(), set(task.engine.state_dict())
+    nets = [k for k in engine_keys if not k.startswith(("opt_", "scaler_"))]
     missing = [k for k in nets if k not in state]
     if missing:
-        raise CheckpointMismatch(f"checkpoint.init_from: {path} holds no weights for {', '.join(missing)}")
+        raise CheckpointMismatch(f"checkpoint.init_from: {path} holds no weights for {', '.join(sorted(missing))}")
+    own = [k for k in fresh if k not in engine_keys and k in state]
+    merged = {**{k: v for k, v in fresh.items() if k in engine_keys}, **{k: state[k] for k in [*nets, *own]}}
     try:
-        engine.load_state_dict({**fresh, **{k: state[k] for k in nets}})
+        task.load_state_dict(merged)
     except RuntimeError as exc:
         raise CheckpointMismatch(f"checkpoint.init_from: {path} does not fit this model: {exc}") from None
-    log.info("initialised from the weights of %s (its step %d): fresh optimizers, step 0", path, state["step"])
+    log.info("initialised from the weights of %s (its step %d: %s): fresh optimizers, step 0", path, state["step"],
+             ", ".join(sorted([*nets, *own])))
 
 
 def record(run_dir: Path, cfg: Config, *, how: str, step: int, source: Path | None, changes: list[Change],

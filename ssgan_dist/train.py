@@ -122,7 +122,7 @@ class Trainer:
             ckpt.check_task(state["config"], self.task.name, source)
             changes = resume.compare(state["config"], self.cfg, set(self.task.signature(self.cfg.to_dict())))
             resume.check(changes, source)
-            self.load_state_dict(resume.adapt_state(state, self.task.engine.state_dict(), changes), source)
+            self.load_state_dict(resume.adapt_state(state, self.task.state_dict(), changes), source)
             self.task.engine.load_sharded(source)
             log.info("resumed from %s at step %d", source, self.step)
             resume.log_changes(changes)
@@ -132,7 +132,7 @@ class Trainer:
         elif self.cfg.checkpoint.init_from:
             state, source = resume.read_init_from(Path(self.cfg.checkpoint.init_from))
             self.check_compatible(state["config"], source)
-            resume.load_weights(self.task.engine, state, source)
+            resume.load_weights(self.task, state, source)
         if self.env.is_main:
             how = "resumed" if chosen else "init_from" if source else "new"
             resume.record(self.run_dir, self.cfg, how=how, step=self.step, source=source, changes=changes,

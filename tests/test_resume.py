@@ -180,3 +180,22 @@ def test_init_from_is_ignored_when_run_dir_has_checkpoints(run2, shards32, tmp_p
     with caplog.at_level(logging.INFO):
         t.maybe_resume()
     assert t.step == 2 and "checkpoint.init_from=" in caplog.text and "ignored" in caplog.text
+
+
+def test_init_from_carries_the_ema_of_g_when_both_runs_keep_one(tmp_path, shards32):
+    """EMA weights if present: a source with train.ema gives its G_ema to a new run with one;
+    a source without gives none, and the new run's average starts from the loaded G."""
+    with_ema, without = tmp_path / "ema", tmp_path / "plain"
+    _trainer(with_ema, shards32, "train.max_steps=2", "train.ema=0.9").fit()
+    _trainer(without, shards32, "train.max_steps=2").fit()
+    source = ckpt.load(with_ema / "ckpt-000000002.pt")
+    t = _trainer(tmp_path / "a", shards32, "train.ema=0.9", f"checkpoint.init_from={with_ema}")
+    t.maybe_resume()
+    for k, v in source["G_ema"].items():
+        assert torch.equal(t.task.ema.module.state_dict()[k], v), k
+    assert t.task.ema.updates == source["G_ema_updates"]
+    u = _trainer(tmp_path / "b", shards32, "train.ema=0.9", f"checkpoint.init_from={without}")
+    u.maybe_resume()
+    plain = ckpt.load(without / "ckpt-000000002.pt")["G"]
+    for k, v in plain.items():
+        assert torch.equal(u.task.ema.module.state_dict()[k], v), k
