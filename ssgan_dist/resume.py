@@ -29,6 +29,7 @@ run started, from which checkpoint, every changed key old -> new).
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -41,13 +42,14 @@ from ssgan_dist.config import Config, flat_values, keys, save_config
 from ssgan_dist.distributed.collectives import gather_to_all
 from ssgan_dist.distributed.env import launcher_restarts
 from ssgan_dist.errors import SetupError
-from ssgan_dist.files import append_jsonl
+from ssgan_dist.files import append_jsonl, remove, stale_temps
 from ssgan_dist.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "config-history.jsonl"
+SAMPLES_DIR = "samples"  # train.py's sample grids, step-<9 digits>.png
 # Keys that cannot change under a running state whatever checkpoint.allow_changes says, and why.
 FROZEN = {
     "run.task": "the checkpoint holds another task's networks",
@@ -76,6 +78,9 @@ def pick(manager: CheckpointManager, resume_enabled: bool) -> tuple[dict[str, An
     refusal. Removes the temporaries of killed writes first; unreadable checkpoints are moved
     aside on the way."""
     manager.clean_stale_temps()
+    for stale in [*stale_temps(manager.run_dir, re.escape(CONFIG_FILE)),
+                  *stale_temps(manager.run_dir / SAMPLES_DIR, r"step-\d{9}\.png")]:
+        remove(stale)
     existing = list_checkpoints(manager.run_dir)
     if not existing:
         return None

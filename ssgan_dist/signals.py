@@ -113,8 +113,8 @@ class StopOnSignal:
             os._exit(exit_code(signum))
         if signum == signal.SIGINT and not self._first_sigint:
             self._first_sigint = time.monotonic()
-        if self.received:
-            return  # already stopping (torchrun's agent passing the same stop on, a launcher's repeat)
+        if self.received or self.stopped_by:
+            return  # already stopping (torchrun's agent passing the stop on, a launcher's repeat)
         self.received = signum
         if not self.armed and signum not in self._hand_over:
             _say(f"{name} before training started: exiting, nothing to save")

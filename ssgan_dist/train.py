@@ -217,11 +217,10 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     preset, overrides = parse_args(argv)
-    stop = StopOnSignal()  # first: a Ctrl-C while the config loads already exits cleanly
-    try:
-        return run_cli(lambda: _train(load_config(preset, overrides), stop))
-    finally:
-        stop.restore()
+    # First: a Ctrl-C while the config loads already exits cleanly. Kept until the process
+    # ends: torchrun's agent signals the ranks still exiting when the first one has exited.
+    stop = StopOnSignal()
+    return run_cli(lambda: _train(load_config(preset, overrides), stop))
 
 
 def run(cfg: Config, stop: StopOnSignal | None = None) -> int:

@@ -112,10 +112,14 @@ def test_resume_false_still_resumes_the_restarts_of_its_own_launch(tmp_path, sha
 def test_stale_temporaries_of_killed_writes_are_removed_at_start(tmp_path, shards32):
     run = tmp_path / "run"
     run.mkdir()
-    ours = [run / ".ckpt-000000009.pt.k3j_x8a2.tmp", run / ".ckpt-000000009.tmp"]
+    (run / "samples").mkdir()
+    ours = [run / ".ckpt-000000009.pt.k3j_x8a2.tmp", run / ".ckpt-000000009.tmp", run / ".config.yaml.a1b2c3.tmp",
+            run / "samples" / ".step-000000100.png.zz9_1.tmp"]
     ours[0].write_bytes(b"half a checkpoint")
     ours[1].mkdir()
     (ours[1] / "G").mkdir()
+    ours[2].write_text("run: {")
+    ours[3].write_bytes(b"\x89PNG")
     foreign = [run / ".notes.tmp", run / "ckpt-draft.tmp", run / ".ckpt-12.pt.abc.tmp"]
     for path in foreign:
         path.write_text("not ours")

@@ -33,6 +33,7 @@ from ssgan_dist.train import Trainer
 
 STEPS = 60  # long enough that a signal sent at step 20 lands mid-run, short enough for CI
 JOB_ARGS = [*TINY, "train.log_every=10", "train.threads=1"]
+TIME = ["--time", "5"]  # the local partitions have no limit, which the submitter will not guess
 
 
 def _install_slurm() -> None:
@@ -67,7 +68,7 @@ def _squeue() -> list[str]:
 def _launch(run_dir: Path, shards: Path, *args: str, tasks: int = 2) -> tuple[Any, launcher.Submission]:
     """Submit through the launcher's own functions, without waiting."""
     parsed = launcher.parse_args(["--config", "demo", "--tasks-per-node", str(tasks), "--run-dir", str(run_dir),
-                                  *args, *JOB_ARGS, f"data.shards={shards}"])
+                                  *TIME, *args, *JOB_ARGS, f"data.shards={shards}"])
     cfg = launcher.resolve_config(parsed)
     sub = launcher.plan(parsed, cfg)
     return launcher.submit(sub, cfg), sub
@@ -129,7 +130,7 @@ def test_two_task_cpu_job_trains_and_finishes(slurm, shards32, tmp_path, capsys)
     run_dir, targets = tmp_path / "run", tmp_path / "targets"
     seen: list[Any] = []
     reader = _read_when_written(targets / "ssgan.json", seen)
-    code = launcher.main(["--config", "demo", "--tasks-per-node", "2", "--run-dir", str(run_dir), "--wait",
+    code = launcher.main(["--config", "demo", "--tasks-per-node", "2", "--run-dir", str(run_dir), "--wait", *TIME,
                           *JOB_ARGS, f"data.shards={shards32}", "train.max_steps=4", "metrics.enabled=true",
                           "metrics.port=0", f"metrics.file_sd={targets}/", "metrics.linger_s=1"])
     out = capsys.readouterr().out
@@ -312,6 +313,15 @@ def test_the_time_limit_defaults_to_the_partitions():
 
     assert [_minutes(v) for v in ("2-00:00:00", "12:00:00", "30:00", "UNLIMITED", "infinite")] == \
         [2880, 720, 30, None, None]
+
+
+@pytest.mark.slow
+def test_no_time_on_a_partition_without_limit_is_refused(slurm, tmp_path, capsys):
+    """The local partitions have no time limit: nothing is guessed, nothing submitted."""
+    code = launcher.main(["--config", "demo", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--time: not given" in err and "give --time MINUTES" in err
+    assert _squeue() == []
 
 
 def test_stop_request_checkpoints_its_step_and_the_resumed_run_is_exact(tmp_path, shards32):

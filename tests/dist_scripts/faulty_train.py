@@ -25,6 +25,7 @@ import sys
 import torch
 
 import ssgan_dist.checkpoint as ckpt
+import ssgan_dist.resume as resume
 import ssgan_dist.tasks.gan as gan
 import ssgan_dist.train as train
 
@@ -83,6 +84,7 @@ def main() -> int:
             raise ckpt.Unreadable("injected: this rank cannot read it")
 
         ckpt.read = unreadable
+        resume.read = unreadable
     elif me == rank and mode == "slow-steps":
         import time
 
