@@ -20,7 +20,7 @@ tensors, flip.
   ``data.batch.step_tensors`` on the CPU, the conversion a CPU run pays (the folder loaders
   hand out floats: this is the like-for-like row).  dali-cpu(+float): the DALI loader on CPU.
 
---profile: where the torch+float loader's CPU time goes (cProfile, grouped).
+--profile: where the torch+float loader's CPU time goes, each part timed alone.
 
 Data wait: the demo preset's Trainer (64 px) over each shard loader with its default
 background worker (data.num_workers=1), timing ``next(loader)`` against ``train_step``.
@@ -137,34 +137,48 @@ def loaders(shard_dir: Path, folder_dir: Path, source_dir: Path, size: int, batc
     return made
 
 
-def profile(shard_dir: Path, size: int, batch: int, batches: int) -> list[tuple[str, float]]:
-    """(part, share of CPU time) of the torch+float loader over ``batches`` batches (cProfile)."""
-    import cProfile
-    import pstats
+def profile(shard_dir: Path, size: int, batch: int, loader_per_sample: float, repeats: int) -> list[tuple[str, float]]:
+    """(part, CPU microseconds per sample) of the torch+float loader, each part timed alone
+    over the same samples (best of ``repeats``); the rest is the loader's measured time per
+    sample minus the parts. cProfile would charge PIL's many small Python calls its own cost."""
+    from ssgan_dist.data.batch import collate
+    from ssgan_dist.data.schema import IMAGE, LABEL, SKETCH, decode_sample
+    from ssgan_dist.data.shards import iter_tar
 
-    loader = loaders(shard_dir, shard_dir, shard_dir, size, batch)["torch+float"]()
-    next(loader)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(batches):
-        next(loader)
-    prof.disable()
-    stats = pstats.Stats(prof).stats
-    total = sum(tt for _, _, tt, _, _ in stats.values())
+    paths = resolve_shards(str(shard_dir))
+    raws = [raw for path in paths for raw in iter_tar(path)]
 
-    def cum(module: str, function: str) -> float:
-        return sum(ct for (file, _, name), (_, _, _, ct, _) in stats.items() if file.endswith(module) and name == function)
+    def best(job) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.process_time()
+            job()
+            times.append(time.process_time() - start)
+        return 1e6 * min(times) / len(raws)
 
-    codecs = sum(tt for (_, _, name), (_, _, tt, _, _) in stats.items() if "ImagingDecoder" in name)
-    parts = {
-        "JPEG + 2 PNG decoding in PIL's C decoders (libjpeg-turbo, zlib-ng)": codecs,
-        "the rest of decode_sample (PIL's Python: open, headers, tobytes; checks)": cum("schema.py", "decode_sample") - codecs,
-        "reading tars (iter_tar: whole file, cut by the index)": cum("shards.py", "iter_tar"),
-        "collate and flips (uint8)": cum("batch.py", "collate"),
-        "float conversion on the CPU (step_tensors)": cum("batch.py", "step_tensors"),
-    }
-    parts["the rest (stream loop, order and flip RNG)"] = total - sum(parts.values())
-    return [(name, seconds / total) for name, seconds in parts.items()]
+    def pil() -> None:
+        for raw in raws:
+            for member in (SKETCH, LABEL, IMAGE):
+                np.asarray(Image.open(io.BytesIO(raw[member])))
+
+    def each(job, inputs) -> None:  # results dropped as the loader drops them: memory is reused
+        for x in inputs:
+            job(x)
+
+    items = [decode_sample(raw, shard="s", num_classes=20, image_size=size) for raw in raws[:batch]]
+    flips = [i % 2 == 0 for i in range(batch)]
+    collated = collate(items, flips)
+    per_batch = len(raws) // batch
+    parts = {"reading tars (whole file, cut by the index)": best(lambda: each(lambda p: list(iter_tar(p)), paths)),
+             "PIL: open, decode, to numpy (3 pictures)": best(pil)}
+    parts["our checks in decode_sample (key, members, JSON, headers, classes)"] = best(lambda: each(
+        lambda raw: decode_sample(raw, shard="s", num_classes=20, image_size=size), raws)) - parts[
+        "PIL: open, decode, to numpy (3 pictures)"]
+    parts["collate and flips (uint8)"] = best(lambda: each(lambda _: collate(items, flips), range(per_batch)))
+    parts["float conversion on the CPU (step_tensors)"] = best(
+        lambda: each(lambda _: step_tensors(collated, torch.device("cpu")), range(per_batch)))
+    parts["the rest (stream loop, order and flip RNG, Python)"] = loader_per_sample - sum(parts.values())
+    return list(parts.items())
 
 
 def data_wait(shard_dir: Path, loader: str, steps: int, run_dir: Path) -> dict:
@@ -219,12 +233,14 @@ def main() -> None:
         for name, r in results.items():
             print(f"| {name} | {r['per_cpu_s']:.0f} | {r['per_wall_s']:.0f} | {r['per_cpu_s'] / base:.2f}x |")
 
-        shares = profile(tmp / "shards", args.size, args.batch, n) if args.profile else []
+        shares = profile(tmp / "shards", args.size, args.batch, 1e6 / results["torch+float"]["per_cpu_s"],
+                         args.repeats) if args.profile else []
         if shares:
-            print("\n| torch+float loader, CPU time by part | share |")
-            print("|---|---|")
-            for group, share in shares:
-                print(f"| {group} | {100 * share:.0f}% |")
+            print("\n| torch+float loader, CPU time per sample | us | share |")
+            print("|---|---|---|")
+            total = sum(us for _, us in shares)
+            for part, us in shares:
+                print(f"| {part} | {us:.0f} | {100 * us / total:.0f}% |")
 
         build_synthetic_shards(tmp / "demo", count=256, samples_per_shard=64, size=64, seed=0)
         waits = [data_wait(tmp / "demo", name, args.train_steps, tmp / f"run-{name}")
