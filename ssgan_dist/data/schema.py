@@ -32,13 +32,11 @@ MAX_KEY_BYTES = 200  # keys name files (<key>.mask.png, -style<k>): well inside 
 _PLAIN_ASCII = re.compile(r"[^./\\\x00-\x1f\x7f]+")
 _CONTROL = ("Cc", "Cf", "Cs", "Zl", "Zp")  # control, format (bidi overrides), surrogates, line breaks
 
-# What can be wrong with a sample (BadSample.kind); the loaders aggregate skips by kind.
-KINDS = ("tar", "key", "missing", "json", "undecodable", "size", "mode", "format", "class")
-
 
 class BadSample(SetupError):
     """A sample that cannot be used; says where it is so it can be found and fixed, and its
-    ``kind`` (one of KINDS) so that many of them can be summed up."""
+    ``kind`` so that many of them can be summed up (``data.skips``): tar, key, missing, json,
+    undecodable, size, mode, format or class."""
 
     def __init__(self, shard: str, key: str | None = None, reason: str | None = None, kind: str = ""):
         # Also built from one argument, the whole message, by whoever re-raises an error as

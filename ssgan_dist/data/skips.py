@@ -95,17 +95,17 @@ class SkipLog:
     def __init__(self, where: str = "") -> None:
         self.where = f"{where}: " if where else ""
         self.total = 0
-        self._since = Counter()
+        self._since: Counter[str] = Counter()
         self._last = time.monotonic()
 
-    def skip(self, bad: BadSample | str) -> None:
+    def skip(self, bad: BadSample) -> None:
         self.total += 1
         if self.total <= FIRST_WARNINGS:
             last = " (later skips are summed up every %.0f s)" % SUMMARY_EVERY_S if self.total == FIRST_WARNINGS else ""
             log.warning("%sskipped %s%s", self.where, bad, last)
             self._last = time.monotonic()
             return
-        self._since[getattr(bad, "kind", "") or "other"] += 1
+        self._since[bad.kind or "other"] += 1
         if time.monotonic() - self._last >= SUMMARY_EVERY_S:
             self.flush()
 
