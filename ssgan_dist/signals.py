@@ -145,6 +145,13 @@ class StopOnSignal:
         previous(self.stopped_by, None)
         sys.exit(0)
 
+    def finish(self) -> None:
+        """The work is done: a stop signal from now on (torchrun's agent ending the other ranks
+        once one has exited) has nothing left to stop, and must not turn the exit code into a
+        death by signal while the interpreter shuts down (which drops Python handlers)."""
+        for signum in self._previous:
+            signal.signal(signum, signal.SIG_IGN)
+
     def restore(self) -> None:
         """Put the handlers back as they were before this object took them over."""
         for signum, handler in self._previous.items():

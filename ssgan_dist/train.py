@@ -217,10 +217,10 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     preset, overrides = parse_args(argv)
-    # First: a Ctrl-C while the config loads already exits cleanly. Kept until the process
-    # ends: torchrun's agent signals the ranks still exiting when the first one has exited.
-    stop = StopOnSignal()
-    return run_cli(lambda: _train(load_config(preset, overrides), stop))
+    stop = StopOnSignal()  # first: a Ctrl-C while the config loads already exits cleanly
+    code = run_cli(lambda: _train(load_config(preset, overrides), stop))
+    stop.finish()  # the process ends now, whatever signal comes (see StopOnSignal.finish)
+    return code
 
 
 def run(cfg: Config, stop: StopOnSignal | None = None) -> int:
