@@ -77,7 +77,8 @@ class SegmenterTask:
     def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
         """Rows of sketch | true M0 | predicted M0 (make_grid's mask column: the argmax of a one-hot)."""
         pred = onehot(out.visuals["pred"].cpu(), self.cfg.model.num_classes)
-        return make_grid(batch["sketch"], batch["label"], [], mask=pred)
+        return make_grid(batch["sketch"], batch["label"], [], mask=pred, label_name="true M0",
+                         mask_name="predicted M0")
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Nothing during training: evaluation.evaluate_segmenter scores its checkpoints."""
