@@ -105,7 +105,18 @@ def _wait_for(path: Path, pattern: str, proc: subprocess.Popen, timeout_s: float
             return m
         assert proc.poll() is None, f"exited early: {proc.communicate()[1][-3000:]}"
         time.sleep(0.05)
+    _kill_tree(proc.pid)
     raise AssertionError(f"{pattern!r} not in {path} after {timeout_s} s")
+
+
+def _kill_tree(pid: int) -> None:
+    """A failed test leaves no trainer behind (torchrun's workers run in their own sessions)."""
+    try:
+        for child in _children(pid):
+            _kill_tree(child)
+        os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
 
 
 def _start(args: list[str], **kw) -> subprocess.Popen:
@@ -134,7 +145,7 @@ def test_bare_process_stops_with_a_checkpoint_and_resumes(tmp_path, shards32, si
     its loader worker get it."""
     run = tmp_path / "run"
     proc = _start([sys.executable, *_train_args(run, shards32, *LONG, "data.num_workers=1")], start_new_session=True)
-    _wait_for(run / "train.log", r"step 3 ", proc)
+    _wait_for(run / "train.log", r"step 3/", proc)
     os.killpg(proc.pid, signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, err[-3000:]
@@ -160,7 +171,7 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path, shards32):
     run = tmp_path / "run"
     proc = _start([sys.executable, *_train_args(run, shards32, *LONG,
                                                 script=[str(SCRIPTS / "faulty_train.py"), "slow-steps", "0", "3"])])
-    _wait_for(run / "train.log", r"step 3 ", proc)
+    _wait_for(run / "train.log", r"step 3/", proc)
     proc.send_signal(signal.SIGINT)
     time.sleep(REPEAT_S + 0.3)
     assert proc.poll() is None  # still finishing its step
@@ -193,21 +204,25 @@ def _rank_pid(agent: int, rank: int, timeout_s: float = 60) -> int:
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_torchrun_checkpoints_the_step_on_every_rank(tmp_path, shards32):
-    """A terminal's Ctrl-C: SIGINT to torchrun's process group. The agent passes it to each
-    worker (their own sessions); both finish the step, agree, write its checkpoint and exit
-    without a traceback (torchrun itself then reports the signal, its own way)."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_torchrun_group_signal_checkpoints_the_step_on_every_rank(tmp_path, shards32, signum):
+    """A terminal's Ctrl-C (SIGINT) or a ``kill`` of the launch (SIGTERM) to torchrun's process
+    group. The agent passes it on to each worker (their own sessions), as the same signal or
+    as SIGTERM after a SIGINT, which is not a second Ctrl-C: both ranks finish the step, agree,
+    write its checkpoint and exit without a traceback (torchrun itself then reports the
+    signal, its own way)."""
     run, logs = tmp_path / "run", tmp_path / "logs"
     proc = _start(_torchrun("--log-dir", str(logs), "--redirects", "3", *_train_args(run, shards32, *LONG)),
                   start_new_session=True)
-    _wait_for(run / "train.log", r"step 3 ", proc)
-    os.killpg(proc.pid, signal.SIGINT)
+    _wait_for(run / "train.log", r"step 3/", proc)
+    os.killpg(proc.pid, signum)
     proc.communicate(timeout=120)
     workers = _worker_logs(logs)
     assert sorted(workers) == [0, 1]
+    name = signal.Signals(signum).name
     for rank, text in workers.items():
-        assert "Traceback" not in text, (rank, text[-3000:])
-        assert "SIGINT: stopping after this step and writing its checkpoint" in text, rank
+        assert "Traceback" not in text and "again: exiting now" not in text, (rank, text[-3000:])
+        assert f"{name}: stopping after this step and writing its checkpoint" in text, rank
     step = _stopped_at(run)
     assert [p.name for p in ckpt.list_checkpoints(run)] == [f"ckpt-{step:09d}.pt"]
     state = ckpt.load(run / f"ckpt-{step:09d}.pt")
@@ -223,7 +238,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path, shards32):
     after the step tells rank 0, both write the checkpoint of that step and exit 143."""
     run, logs = tmp_path / "run", tmp_path / "logs"
     proc = _start(_torchrun("--log-dir", str(logs), "--redirects", "3", *_train_args(run, shards32, *LONG)))
-    _wait_for(run / "train.log", r"step 3 ", proc)
+    _wait_for(run / "train.log", r"step 3/", proc)
     os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
