@@ -69,7 +69,7 @@ class Trainer:
             "step": self.step,
             "world_size": self.env.world_size,
             "config": self.cfg.to_dict(),
-            **self.task.engine.state_dict(),
+            **self.task.state_dict(),
             "ranks": per_rank,
             "skipped_samples": self.skipped_samples,
             "nonfinite_steps": self.nonfinite_steps,
@@ -89,7 +89,7 @@ class Trainer:
                 f"{self.env.world_size}: the data position cannot be carried over exactly; "
                 f"run with {state['world_size']} ranks or a new run.dir"
             )
-        self.task.engine.load_state_dict(state)
+        self.task.load_state_dict(state)
         mine = state["ranks"][self.env.rank]
         self.data.load_state_dict(mine["data"])
         torch.set_rng_state(mine["rng"])

@@ -75,6 +75,11 @@ class DeepSpeedEngine:
     def learning_rates(self) -> dict[str, float]:
         return {name: float(engine.get_lr()[0]) for name, engine in self.engines.items()}
 
+    def set_learning_rates(self, lrs: dict[str, float]) -> None:
+        for name, lr in lrs.items():
+            for group in self.engines[name].optimizer.param_groups:
+                group["lr"] = lr
+
     def state_dict(self) -> dict[str, Any]:
         """The weights, whole on every rank under ZeRO 1/2, for tools that read ``state.pt``."""
         return {name: engine.module.state_dict() for name, engine in self.engines.items()}

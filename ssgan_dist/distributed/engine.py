@@ -9,6 +9,7 @@ A task names its networks ({"G", "D"} for the GAN, {"S"} for the segmenter) and 
 * ``wrapped(name)``: the network for training (DDP's or DeepSpeed's wrapper);
 * ``backward_step(name, loss, skip)``: backward, then the optimizer step unless ``skip``
   (a non-finite loss anywhere), with the loss scaler when fp16 asks for one;
+* ``learning_rates()`` / ``set_learning_rates(lrs)``: the task's schedule sets them per step;
 * ``state_dict``/``load_state_dict`` for what rank 0 writes (keys ``<name>``,
   ``opt_<name>``, ``scaler_<name>``, name lower-cased for the last two), and
   ``save_sharded``/``load_sharded`` for state every rank must write itself (ZeRO shards).
@@ -37,6 +38,7 @@ class Engine(Protocol):
     def wrapped(self, name: str) -> nn.Module: ...
     def backward_step(self, name: str, loss: torch.Tensor, skip: bool) -> None: ...
     def learning_rates(self) -> dict[str, float]: ...
+    def set_learning_rates(self, lrs: dict[str, float]) -> None: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def save_sharded(self, directory: Path) -> None: ...
@@ -106,6 +108,11 @@ class DDPEngine:
 
     def learning_rates(self) -> dict[str, float]:
         return {name: float(opt.param_groups[0]["lr"]) for name, opt in self.opt.items()}
+
+    def set_learning_rates(self, lrs: dict[str, float]) -> None:
+        for name, lr in lrs.items():
+            for group in self.opt[name].param_groups:
+                group["lr"] = lr
 
     def state_dict(self) -> dict[str, Any]:
         return {

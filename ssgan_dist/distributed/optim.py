@@ -41,3 +41,12 @@ def prepare_module(spec: NetSpec, env: DistEnv, channels_last: bool) -> nn.Modul
             raise ValueError(f"{type(module).__name__} cannot recompute its activations (no grad_checkpoint switch)")
         module.grad_checkpoint = True
     return module.to(env.device, memory_format=memory_format(channels_last))
+
+
+def linear_decay(step: int, max_steps: int, decay_steps: int) -> float:
+    """The learning-rate factor at ``step`` (0-based): 1 until the last ``decay_steps`` steps of
+    ``max_steps``, then linearly down to 1/decay_steps at the last step (SPADE's niter_decay, per
+    step instead of per epoch). A pure function of the step, so resuming needs no scheduler state."""
+    if decay_steps <= 0:
+        return 1.0
+    return min(1.0, (max_steps - step) / decay_steps)

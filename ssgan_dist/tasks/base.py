@@ -64,6 +64,13 @@ class Task(Protocol):
         """The evaluation due after ``step`` (on every rank), or None when none is."""
         ...
 
+    def state_dict(self) -> dict[str, Any]:
+        """What rank 0 writes of the task: its engine's state and the task's own (e.g. an EMA)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
 
 def nonfinite_anywhere(loss: torch.Tensor) -> bool:
     """True on every rank when the loss is not finite on any rank (one tiny all-reduce)."""

@@ -1,9 +1,11 @@
 """The GAN task (``run.task=gan``): G and D, the hinge, feature-matching and VGG losses.
 
-One step reads top to bottom: the G step with D frozen (real and fake through D in one
-batch), then the D step on the detached fakes of that G step. z is a pure function of
-(seed, step), so a resumed run draws the same noise and N ranks x B draw the same z as
-1 rank x N*B.
+One step reads top to bottom: the learning rates of this step (``optim.decay_steps``), the
+G step with D frozen (real and fake through D in one batch), the EMA of G (``train.ema``),
+then the D step on fakes that ``train.d_fakes`` chooses: the G step's, detached (one G
+forward less per step), or a new forward of the updated G, as NVlabs SPADE's D step does.
+z is a pure function of (seed, step), so a resumed run draws the same noise and N ranks x B
+draw the same z as 1 rank x N*B; the regenerated fakes use the same z.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 from ssgan_dist.config import Config, LossConfig
 from ssgan_dist.distributed.engine import Engine, build_engine
 from ssgan_dist.distributed.env import DistEnv
-from ssgan_dist.distributed.optim import NetSpec
+from ssgan_dist.distributed.optim import NetSpec, linear_decay
+from ssgan_dist.ema import WeightAverage
 from ssgan_dist.evaluation.evaluate import EvalSpec, evaluate_generator
 from ssgan_dist.grid import make_grid
 from ssgan_dist.labels import onehot
@@ -71,6 +74,8 @@ class GANTask:
         self.engine: Engine = build_engine(cfg.engine, env, nets, precision=t.precision,
                                            channels_last=t.channels_last, batch_size=t.batch_size)
         self.vgg_loss = build_vgg_loss(cfg.loss, env.device)
+        # After the engine: the average copies G as trained (device, synchronized norms).
+        self.ema = WeightAverage(self.G, t.ema) if t.ema > 0 else None
 
     @property
     def G(self) -> nn.Module:
@@ -79,6 +84,11 @@ class GANTask:
     @property
     def D(self) -> nn.Module:
         return self.engine.module("D")
+
+    @property
+    def G_eval(self) -> nn.Module:
+        """The generator that samples and evaluation use: the EMA when train.ema is on, else G."""
+        return self.ema.module if self.ema is not None else self.G
 
     @staticmethod
     def flops_per_image(cfg: Config) -> float:
@@ -111,6 +121,10 @@ class GANTask:
         m0 = onehot(batch["label"].to(dev, non_blocking=True), cfg.model.num_classes).contiguous(memory_format=fmt)
         z = self.step_noise(step, real.shape[0])
         n = real.shape[0]
+        o = cfg.optim
+        if o.decay_steps:
+            factor = linear_decay(step, cfg.train.max_steps, o.decay_steps)
+            engine.set_learning_rates({"G": o.lr_g * factor, "D": o.lr_d * factor})
 
         # G step: D frozen (its bare module, see engine.py); real and fake through D in one batch.
         self.D.requires_grad_(False)
@@ -123,13 +137,20 @@ class GANTask:
             g_total = g_gan + g_fm + g_vgg
         skip_g = nonfinite_anywhere(g_total)
         engine.backward_step("G", g_total, skip_g)
+        if self.ema is not None and not skip_g:
+            self.ema.update(self.G)
         lap("g_step")  # its optimizer step is timed apart, see telemetry.PhaseTimer
         self.D.requires_grad_(True)
 
-        # D step on the fakes of this step, detached from G.
+        # D step on this step's fakes, detached from G: the G step's, or the updated G's.
         with autocast(cfg.train.precision, dev):
+            if cfg.train.d_fakes == "regenerate":
+                with torch.no_grad():  # G in train mode: batch statistics, as SPADE's generate_fake
+                    fake_d = self.G(m0, z)
+            else:
+                fake_d = fake.detach()
             pred_fake, pred_real = split_real_fake(
-                engine.wrapped("D")(torch.cat([m0, m0]), torch.cat([fake.detach(), real])), n)
+                engine.wrapped("D")(torch.cat([m0, m0]), torch.cat([fake_d, real])), n)
             d_loss = d_hinge_loss(pred_real, pred_fake)
         skip_d = nonfinite_anywhere(d_loss)
         engine.backward_step("D", d_loss, skip_d)
@@ -137,20 +158,46 @@ class GANTask:
 
         losses = {"g_gan": g_gan, "g_fm": g_fm, "g_vgg": g_vgg, "g_total": g_total, "d_hinge": d_loss}
         values = torch.stack([v.detach().float() for v in losses.values()]).tolist()  # one device sync
-        visuals = {"fake": fake.detach(), **({"mask": masks[-1]} if masks else {})}
+        visuals = {"fake": fake.detach(), "m0": m0, **({"z": z} if z is not None else {}),
+                   **({"mask": masks[-1]} if masks else {})}
         return StepOutput(dict(zip(losses, values)), skip_g or skip_d, visuals)
 
     def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
-        """Rows of sketch | label | generated | real | argmax of the SFM's last learned mask."""
+        """Rows of sketch | label | generated | real | argmax of the SFM's last learned mask; with
+        train.ema the EMA generator's images of the step's inputs (eval mode), else the step's own."""
         visuals = out.visuals
-        return make_grid(batch["sketch"], batch["label"], [visuals["fake"]], batch["image"], visuals.get("mask"))
+        fake, mask = visuals["fake"], visuals.get("mask")
+        if self.ema is not None:
+            with torch.no_grad():
+                fake, masks = self.ema.module(visuals["m0"], visuals.get("z"), return_masks=True)
+            mask = masks[-1] if masks else None
+        return make_grid(batch["sketch"], batch["label"], [fake], batch["image"], mask)
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """FID and SSIM every eval.every steps (evaluation.evaluate), logged."""
         e = self.cfg.eval
         if not (e.every and step % e.every == 0):
             return None
-        result = evaluate_generator(self.G, self.cfg.model, self.env, EvalSpec.for_training(e, self.cfg.data))
+        result = evaluate_generator(self.G_eval, self.cfg.model, self.env, EvalSpec.for_training(e, self.cfg.data))
         log.info("eval at step %d: FID %.3f  SSIM %.4f  (%d samples, %.1f s)", step, result["fid"], result["ssim"],
                  result["samples"], result["seconds"])
         return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's state, and the EMA of G as ``G_ema`` (the weights evaluation and generate
+        prefer) with its update count as ``G_ema_updates``."""
+        state = self.engine.state_dict()
+        if self.ema is not None:
+            ema = self.ema.state_dict()
+            state.update(G_ema=ema["weights"], G_ema_updates=ema["updates"])
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
+        if self.ema is None:
+            return
+        if "G_ema" in state:
+            self.ema.load_state_dict({"weights": state["G_ema"], "updates": state["G_ema_updates"]})
+        else:  # a checkpoint written without train.ema: the average starts from its G
+            log.info("the checkpoint has no EMA of G (train.ema was off): the average starts from its G")
+            self.ema = WeightAverage(self.G, self.cfg.train.ema)

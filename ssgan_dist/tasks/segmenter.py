@@ -82,3 +82,9 @@ class SegmenterTask:
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Nothing during training: evaluation.evaluate_segmenter scores its checkpoints."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.engine.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.load_state_dict(state)
