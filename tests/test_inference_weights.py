@@ -99,3 +99,24 @@ def test_asking_for_ema_without_one_is_a_clear_error(tmp_path, capsys, trained_c
     err = capsys.readouterr().err
     assert code == 2 and "--weights ema" in err and "no EMA of G" in err and "train.ema" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_train_ema_run_is_evaluated_with_its_average(tmp_path, capsys, shards32):
+    """End to end: a run with train.ema writes G_ema, and evaluate scores those weights by default."""
+    from conftest import tiny_config
+    from ssgan_dist.distributed.env import setup
+    from ssgan_dist.train import Trainer
+
+    trainer = Trainer(tiny_config(tmp_path / "run", shards32, "train.max_steps=3", "train.ema=0.9"), setup())
+    trainer.fit()
+    path = ckpt.list_checkpoints(tmp_path / "run")[-1]
+    state = ckpt.load(path)
+    loaded = load_generator(tmp_path / "run", CPU)
+    assert loaded.weights == "G_ema"
+    for k, v in loaded.G.state_dict().items():
+        assert torch.equal(v, state["G_ema"][k]), k
+        assert torch.equal(v, trainer.task.ema.module.state_dict()[k]), k
+    assert any(not torch.equal(state["G_ema"][k], state["G"][k]) for k in state["G"])
+    assert evaluate.main(["--checkpoint", str(tmp_path / "run"), "--shards", str(shards32), "--max-samples", "4",
+                          "--out", str(tmp_path / "r.json")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["weights"] == "G_ema"
