@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,20 @@ GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 # Per process on CPU: about the fp32 matmul peak of the 2-core CI machine (~119 GFLOP/s
 # measured); set metrics.peak_flops for a real CPU host.
 CPU_PEAK_FLOPS = 1.0e11
+
+
+# Exporters serving in this process. A forked child (a DataLoader worker) must not keep their
+# listening sockets: an orphaned child of a killed trainer would hold the port. The hook runs
+# in every child forked after this module is imported and closes its copies of them.
+_SERVERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _close_servers_in_child() -> None:
+    for server in list(_SERVERS):
+        server.socket.close()  # the child's copy of the descriptor; the parent keeps serving
+
+
+os.register_at_fork(after_in_child=_close_servers_in_child)
 
 
 @dataclass(frozen=True)
@@ -309,6 +324,7 @@ class PrometheusTelemetry(Telemetry):
         else:
             try:
                 self._server, _ = start_http_server(port, addr=m.addr, registry=self.registry)
+                _SERVERS.add(self._server)
                 port = self._server.server_port
             except OSError as exc:
                 error = (f"metrics.port: rank {env.rank} cannot serve metrics on {m.addr}:{port} of {env.node} "

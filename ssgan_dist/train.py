@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ssgan_dist import checkpoint as ckpt
 from ssgan_dist.config import Config, ConfigError, load_config, save_config
 from ssgan_dist.data.loaders import ShardLoader, build_training_loader
+from ssgan_dist.data.skips import Skipped
 from ssgan_dist.distributed.collectives import gather_to_all
 from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.errors import SetupError
@@ -173,11 +174,10 @@ class Trainer:
         self.telemetry.close()
         return losses
 
-    def _count_skipped(self, skipped: list[str]) -> None:
-        for reason in skipped:
-            log.warning("skipped bad sample: %s", reason)
-        self.skipped_samples += len(skipped)
-        self.telemetry.samples_skipped(len(skipped))
+    def _count_skipped(self, skipped: Skipped) -> None:
+        """Count what the loader skipped (it logs the skips as it meets them, see data/skips.py)."""
+        self.skipped_samples += skipped.count
+        self.telemetry.samples_skipped(skipped.count)
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:

@@ -238,10 +238,12 @@ def test_sketch_only_generation_uses_the_segmenters_m0(tmp_path, capsys, monkeyp
 
 
 @pytest.fixture(scope="module")
-def ten_class_segmenter(tmp_path_factory, shards32) -> Path:
+def ten_class_segmenter(tmp_path_factory) -> Path:
     """An (untrained) segmenter checkpoint of 10 classes: not the 20 of the conftest generator."""
-    run = tmp_path_factory.mktemp("seg10")
-    return _seg_trainer(run, shards32, "model.num_classes=10", "model.background_classes=[6,7,8,9]").save_checkpoint()
+    run, shards = tmp_path_factory.mktemp("seg10"), tmp_path_factory.mktemp("shards10")
+    build_synthetic_shards(shards, count=4, samples_per_shard=4, size=32, seed=1, num_classes=10,
+                           background_classes=(6, 7, 8, 9))  # a run refuses shards of classes it lacks
+    return _seg_trainer(run, shards, "model.num_classes=10", "model.background_classes=[6,7,8,9]").save_checkpoint()
 
 
 @pytest.mark.parametrize("case, words", [

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ssgan_dist.config import Config, LossConfig
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.distributed.engine import Engine, build_engine
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.distributed.optim import NetSpec, linear_decay
@@ -117,8 +118,9 @@ class GANTask:
     def train_step(self, batch: dict[str, Any], step: int, lap: Callable[[str], None]) -> StepOutput:
         cfg, dev, engine = self.cfg, self.env.device, self.engine
         fmt = memory_format(cfg.train.channels_last)
-        real = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
-        m0 = onehot(batch["label"].to(dev, non_blocking=True), cfg.model.num_classes).contiguous(memory_format=fmt)
+        x = step_tensors(batch, dev, ("label", "image"))  # the loader's uint8 batch as floats, on the device
+        real = x["image"].contiguous(memory_format=fmt)
+        m0 = onehot(x["label"], cfg.model.num_classes).contiguous(memory_format=fmt)
         z = self.step_noise(step, real.shape[0])
         n = real.shape[0]
         o = cfg.optim
@@ -165,13 +167,13 @@ class GANTask:
     def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
         """Rows of sketch | label | generated | real | argmax of the SFM's last learned mask; with
         train.ema the EMA generator's images of the step's inputs (eval mode), else the step's own."""
-        visuals = out.visuals
+        visuals, x = out.visuals, step_tensors(batch, torch.device("cpu"))
         fake, mask = visuals["fake"], visuals.get("mask")
         if self.ema is not None:
             with torch.no_grad():
                 fake, masks = self.ema.module(visuals["m0"], visuals.get("z"), return_masks=True)
             mask = masks[-1] if masks else None
-        return make_grid(batch["sketch"], batch["label"], [fake], batch["image"], mask)
+        return make_grid(x["sketch"], x["label"], [fake], x["image"], mask)
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """FID and SSIM every eval.every steps (evaluation.evaluate), logged."""

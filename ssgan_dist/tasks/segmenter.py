@@ -16,6 +16,7 @@ import numpy as np
 from torch import nn
 
 from ssgan_dist.config import Config
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.distributed.engine import Engine, build_engine
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.distributed.optim import NetSpec
@@ -64,8 +65,8 @@ class SegmenterTask:
     def train_step(self, batch: dict[str, Any], step: int, lap: Callable[[str], None]) -> StepOutput:
         cfg, dev = self.cfg, self.env.device
         fmt = memory_format(cfg.train.channels_last)
-        sketch = batch["sketch"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
-        label = batch["label"].to(dev, non_blocking=True)
+        x = step_tensors(batch, dev, ("sketch", "label"))  # the loader's uint8 batch as floats, on the device
+        sketch, label = x["sketch"].contiguous(memory_format=fmt), x["label"]
         with autocast(cfg.train.precision, dev):
             logits = self.engine.wrapped("S")(sketch)
         loss = stroke_cross_entropy(logits, label, sketch)
@@ -77,7 +78,8 @@ class SegmenterTask:
     def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
         """Rows of sketch | true M0 | predicted M0 (make_grid's mask column: the argmax of a one-hot)."""
         pred = onehot(out.visuals["pred"].cpu(), self.cfg.model.num_classes)
-        return make_grid(batch["sketch"], batch["label"], [], mask=pred)
+        x = step_tensors(batch, pred.device, ("sketch", "label"))
+        return make_grid(x["sketch"], x["label"], [], mask=pred)
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Nothing during training: evaluation.evaluate_segmenter scores its checkpoints."""
