@@ -388,11 +388,13 @@ SEG_TINY = ["run.task=segmenter", "segmenter.width=4", "segmenter.levels=2", "se
 
 @pytest.fixture(scope="module")
 def segmenters(tmp_path_factory, shards32) -> dict[str, Path]:
-    """A 32 px segmenter of the conftest generator's classes (5 steps), and an untrained one of 10 classes
-    (shards32's labels go up to 19, so it cannot train on them)."""
-    fits, ten = tmp_path_factory.mktemp("seg-fits"), tmp_path_factory.mktemp("seg-ten")
+    """A 32 px segmenter of the conftest generator's classes (5 steps), and an untrained one of 10
+    classes (on shards of 10 classes: a run refuses shards of classes it lacks)."""
+    fits, ten, shards10 = (tmp_path_factory.mktemp(name) for name in ("seg-fits", "seg-ten", "shards10"))
     Trainer(tiny_config(fits, shards32, *SEG_TINY, "train.max_steps=5"), setup()).fit()
-    Trainer(tiny_config(ten, shards32, *SEG_TINY, "model.num_classes=10", "model.background_classes=[6,7,8,9]"),
+    build_synthetic_shards(shards10, count=4, samples_per_shard=4, size=32, seed=1, num_classes=10,
+                           background_classes=(6, 7, 8, 9))
+    Trainer(tiny_config(ten, shards10, *SEG_TINY, "model.num_classes=10", "model.background_classes=[6,7,8,9]"),
             setup()).save_checkpoint()
     return {"fits": fits, "ten": ten}
 

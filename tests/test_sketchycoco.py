@@ -254,7 +254,7 @@ def test_test_split_is_val_and_val_in_train_as_one_set(tmp_path):
         sid = raw["__key__"]
         assert json.loads(raw["json"])["split"] == folder_of[sid]  # each sample keeps its folder
         sketch, classes = sources[sid]
-        label = decode_sample(raw, shard="x", num_classes=20, image_size=SIZE)["label"].numpy()
+        label = decode_sample(raw, shard="x", num_classes=20, image_size=SIZE)["label"]
         assert np.array_equal(label, np.where(sketch < 128, classes, 0)), sid
 
     # every way of naming the same folders builds the same shards
