@@ -170,7 +170,7 @@ def test_undecodable_image_stops_with_a_pointer_to_verify(tmp_path, on_error):
 
 def test_missing_dali_says_how_to_install(shards32, monkeypatch):
     monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
-    with pytest.raises(SetupError, match=r"pip install 'ssgan-dist\[dali\]'"):
+    with pytest.raises(SetupError, match=r"pip install -e '\.\[dali-cuda12\]'"):
         _dali(shards32)
 
 

@@ -73,8 +73,8 @@ def dali_available() -> bool:
 
 def _require_dali() -> None:
     if not dali_available():
-        raise SetupError("data.loader=dali needs NVIDIA DALI, which is not installed: pip install 'ssgan-dist[dali]' "
-                         "(or data.loader=torch)")
+        raise SetupError("data.loader=dali needs NVIDIA DALI, which is not installed: pip install -e '.[dali-cuda12]' "
+                         "or '.[dali-cuda13]' (the machine's CUDA major version), or data.loader=torch")
 
 
 @dataclass(frozen=True)

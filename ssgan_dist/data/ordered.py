@@ -17,6 +17,7 @@ import torch
 from ssgan_dist.data.batch import collate, step_tensors
 from ssgan_dist.data.schema import BadSample, decode_sample
 from ssgan_dist.data.shards import iter_tar
+from ssgan_dist.data.tarindex import fresh_index
 
 
 class OrderedSamples:
@@ -56,6 +57,19 @@ class OrderedSamples:
                 if self.on_error == "raise":
                     raise
                 self.skipped.append(str(bad))
+
+    def expected(self) -> int | None:
+        """This rank's share of the samples by the shards' index files (bad ones included), or
+        None when a shard has no up-to-date index: a progress bar's total, nothing more."""
+        total = 0
+        for path in self.shards:
+            samples = fresh_index(path)
+            if samples is None:
+                return None
+            total += len(samples)
+        if self.max_samples:
+            total = min(total, self.max_samples)
+        return len(range(self.rank, total, self.world_size))
 
     def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
         """Batches of up to ``batch_size``: {"index": list[int], "key", and "sketch", "label",

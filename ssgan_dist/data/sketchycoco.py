@@ -27,10 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-import h5py
 import numpy as np
-import scipy.io
 
 from ssgan_dist.data.prepare import open_grey, open_rgb, resize_image, stroke_labels, to_size
 from ssgan_dist.data.writer import BadSource, Sample
@@ -54,6 +53,17 @@ class Item:
     photo: Path | None
     sketch: Path | None
     classes: Path | None
+
+
+def mat_readers() -> tuple[ModuleType, ModuleType]:
+    """(h5py, scipy.io): the ``sketchycoco`` extra, imported only when .mat files are read."""
+    try:
+        import h5py
+        import scipy.io
+    except ImportError as exc:
+        raise SetupError(f"SketchyCOCO's .mat annotations need scipy and h5py ({exc}): "
+                         "pip install -e '.[sketchycoco]'") from None
+    return h5py, scipy.io
 
 
 def _scene_dir(root: Path) -> Path:
@@ -80,7 +90,9 @@ def scan(root: str | Path, split: str) -> list[Item]:
     """Every id found in any of the three folders of each of the split's folders (see
     ``split_folders``), by folder, then by id. An id found in two folders is refused: shard
     keys are ids, and COCO ids are unique, so it would be a damaged tree."""
-    items = [item for folder in split_folders(split) for item in _scan_folder(Path(root), folder)]
+    folders = split_folders(split)
+    mat_readers()  # a missing extra stops the build here, not as one bad sample per scene
+    items = [item for folder in folders for item in _scan_folder(Path(root), folder)]
     seen: dict[str, Item] = {}
     for item in items:
         if item.id in seen:
@@ -122,12 +134,13 @@ def missing_parts(item: Item) -> BadSource | None:
 
 def load_class_gt(path: Path) -> np.ndarray:
     """CLASS_GT of a v5 or v7.3 .mat file as uint8 [h,w]; BadSource naming the file."""
+    h5py, scipy_io = mat_readers()
     try:
         if h5py.is_hdf5(path):
             with h5py.File(path, "r") as f:
                 data = np.asarray(f[VARIABLE]).T if VARIABLE in f else None
         else:
-            data = scipy.io.loadmat(path, variable_names=[VARIABLE]).get(VARIABLE)
+            data = scipy_io.loadmat(path, variable_names=[VARIABLE]).get(VARIABLE)
     except Exception as exc:  # scipy and h5py raise many types for damaged files
         raise BadSource(f"{path}: unreadable .mat file: {exc}") from exc
     if data is None:

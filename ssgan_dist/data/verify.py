@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ssgan_dist.data.schema import BadSample, decode_sample
 from ssgan_dist.data.shards import iter_tar
 from ssgan_dist.data.tarindex import fresh_index, index_path, scan_tar
 from ssgan_dist.data.writer import ManifestError, ordered_map, read_manifest
+from ssgan_dist.shell import Progress
 
 
 @dataclass
@@ -106,11 +106,10 @@ def verify(shard_dir: str | Path, *, workers: int = 1, num_classes: int | None =
     job = partial(check_shard, num_classes=num_classes, image_size=image_size)
     paths = [root / name for name in tars]
     checks: list[ShardCheck] = []
-    with ordered_map(job, paths, workers) as results, tqdm(total=len(paths), desc="verify", unit="shard",
-                                                            disable=None) as bar:
+    with ordered_map(job, paths, workers) as results, Progress("verify", len(paths), unit="shard") as progress:
         for check in results:
             checks.append(check)
-            bar.update()
+            progress.update()
     for check in checks:
         report.samples += len(check.keys)
         report.bad += check.bad

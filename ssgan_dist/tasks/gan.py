@@ -38,7 +38,7 @@ from ssgan_dist.telemetry import MetricSeries
 log = logging.getLogger(__name__)
 
 SERIES = MetricSeries(step_phases=("g_step", "d_step"), terms=("g_gan", "g_fm", "g_vgg", "g_total", "d_hinge"),
-                      nets=("G", "D"))
+                      nets=("G", "D"), scores=("fid", "ssim"))
 
 
 def build_vgg_loss(loss: LossConfig, device: torch.device) -> VGGLoss | None:

@@ -79,7 +79,7 @@ class SegmenterTask:
         """Rows of sketch | true M0 | predicted M0 (make_grid's mask column: the argmax of a one-hot)."""
         pred = onehot(out.visuals["pred"].cpu(), self.cfg.model.num_classes)
         x = step_tensors(batch, pred.device, ("sketch", "label"))
-        return make_grid(x["sketch"], x["label"], [], mask=pred)
+        return make_grid(x["sketch"], x["label"], [], mask=pred, label_name="true M0", mask_name="predicted M0")
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Nothing during training: evaluation.evaluate_segmenter scores its checkpoints."""
