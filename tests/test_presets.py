@@ -5,10 +5,13 @@ from __future__ import annotations
 from ssgan_dist.config import keys, load_config
 
 
+PAPER_PRESETS = ("sketchycoco-256", "gaugan-sketch-256", "spade-ttur-256")
+
+
 def training_settings(name: str) -> dict[str, object]:
     """Every key that changes what is trained (not the cadences, logs and paths a resume may change),
-    run.dir/name and data.allow_synthetic (branch `ux` sets it on every paper preset) left out."""
-    skip = {"run.dir", "run.name", "data.allow_synthetic"}
+    run.dir and run.name left out."""
+    skip = {"run.dir", "run.name"}
     return {k: v for k, f, v in keys(load_config(name)) if not f.metadata["resume"] and k not in skip}
 
 
@@ -31,10 +34,15 @@ def test_gaugan_sketch_256_is_sketchycoco_256_without_sfm_and_z():
     assert differences("sketchycoco-256", "gaugan-sketch-256") == {"model.sfm": (True, False),
                                                                    "model.use_z": (True, False)}
     cfg = load_config("gaugan-sketch-256")
-    assert cfg.data.allow_synthetic is False and cfg.data.shards == ""
     assert cfg.run.name == "gaugan-sketch-256" and cfg.run.dir == "runs/gaugan-sketch-256"
 
 
 def test_spade_ttur_256_differs_only_in_the_optimizer():
     assert differences("sketchycoco-256", "spade-ttur-256") == {
         "optim.lr_g": (2e-4, 1e-4), "optim.lr_d": (2e-4, 4e-4), "optim.beta2": (0.999, 0.9)}
+
+
+def test_paper_presets_never_train_on_synthetic_scenes():
+    for name in PAPER_PRESETS:
+        cfg = load_config(name)
+        assert cfg.data.allow_synthetic is False and cfg.data.shards == "", name
