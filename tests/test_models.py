@@ -350,8 +350,8 @@ def test_recomputed_block_matches_plain_block_and_keeps_buffers():
     for out in outs:
         out.square().mean().backward()
     assert torch.equal(outs[0], outs[1])
-    for (name, a), b in zip(block.named_parameters(), twin.parameters()):
-        assert torch.allclose(a.grad, b.grad, atol=1e-7), name
+    for (name, a), b in zip(block.named_parameters(), twin.parameters()):  # relative: no CPU's noise floor
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5 * float(a.grad.abs().max()), msg=name)
     for (name, a), b in zip(block.named_buffers(), twin.buffers()):
         assert torch.equal(a, b), name
     stats = [n for n, _ in block.named_buffers() if "running_mean" in n]

@@ -11,7 +11,8 @@ A task names its networks ({"G", "D"} for the GAN, {"S"} for the segmenter) and 
   (a non-finite loss anywhere), with the loss scaler when fp16 asks for one;
 * ``learning_rates()`` / ``set_learning_rates(lrs)``: the task's schedule sets them per step;
 * ``state_dict``/``load_state_dict`` for what rank 0 writes (keys ``<name>``,
-  ``opt_<name>``, ``scaler_<name>``, name lower-cased for the last two), and
+  ``opt_<name>``, ``scaler_<name>``, name lower-cased for the last two; loading keeps the
+  optimizer's moments and takes its lr, betas and eps from the run's config), and
   ``save_sharded``/``load_sharded`` for state every rank must write itself (ZeRO shards).
 """
 
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ssgan_dist.config import ConfigError, EngineConfig
 from ssgan_dist.distributed.env import DistEnv
-from ssgan_dist.distributed.optim import NetSpec, adam, prepare_module
+from ssgan_dist.distributed.optim import NetSpec, adam, apply_settings, prepare_module
 
 
 class Engine(Protocol):
@@ -84,6 +85,7 @@ class DDPEngine:
     sharded = False
 
     def __init__(self, env: DistEnv, nets: dict[str, NetSpec], *, precision: str, channels_last: bool):
+        self.specs = nets
         self.modules = {name: prepare_module(spec, env, channels_last) for name, spec in nets.items()}
         self.wrappers = {name: wrap_ddp(module, env) for name, module in self.modules.items()}
         self.opt = {name: adam(nets[name], module.parameters()) for name, module in self.modules.items()}
@@ -126,6 +128,7 @@ class DDPEngine:
             module.load_state_dict(state[name])
         for name, opt in self.opt.items():
             opt.load_state_dict(state[f"opt_{name.lower()}"])
+            apply_settings(opt.param_groups, self.specs[name])
         for name, scaler in self.scaler.items():
             scaler.load_state_dict(state[f"scaler_{name.lower()}"])
 

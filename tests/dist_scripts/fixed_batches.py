@@ -1,4 +1,5 @@
-"""Train K steps on fixed global batches, each rank taking its slice; rank 0 saves G and D.
+"""Train K steps on fixed global batches, each rank taking its slice; rank 0 saves G and D,
+and their gradients of the last step (``G_grad``, ``D_grad``: DDP's averages over ranks).
 
     torchrun --nproc_per_node N tests/dist_scripts/fixed_batches.py OUT GLOBAL_BATCH STEPS key=value...
 
@@ -39,7 +40,10 @@ def main() -> None:
         losses.append(trainer.train_step(mine).losses)
         trainer.step += 1
     if env.is_main:
-        torch.save({"G": trainer.task.G.state_dict(), "D": trainer.task.D.state_dict(), "losses": losses}, out)
+        grads = {net: {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+                 for net, module in (("G", trainer.task.G), ("D", trainer.task.D))}
+        torch.save({"G": trainer.task.G.state_dict(), "D": trainer.task.D.state_dict(), "losses": losses,
+                    "G_grad": grads["G"], "D_grad": grads["D"]}, out)
     if env.distributed:
         torch.distributed.barrier()  # leave together (a lone rank in teardown was seen to hang)
     teardown()
