@@ -296,7 +296,7 @@ def sample_grid(args: argparse.Namespace, path: Path) -> Path | None:
 
     from ssgan_dist import checkpoint as ckpt
     from ssgan_dist.data.ordered import OrderedSamples
-    from ssgan_dist.data.torch_loader import resolve_shards
+    from ssgan_dist.data.shards import resolve_shards
     from ssgan_dist.evaluation.inference import load_generator, noise
     from ssgan_dist.grid import mask_argmax, tile_grid
     from ssgan_dist.images import rgb_arrays, save_png, sketch_arrays

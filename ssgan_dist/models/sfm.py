@@ -4,7 +4,7 @@
     f0  = F1([Mf, 0]) + AvgPool(F1([M0, m_i]))                     eq. 4
     f   = f0 + F2(f0)                                              eq. 5
     M_i = f                          (model.sfm_form=paper, shipped)
-    M_i = M0 + f                     (model.sfm_form=residual, measured and rejected)
+    M_i = M0 + f                     (model.sfm_form=residual, measured, not better)
 
 M_i conditions block i+1; the first block gets M0 itself. Our reading of the paper, kept here in
 one place so it can be revisited (EVIDENCE below; ``bench/learning.py`` measures it):
@@ -42,7 +42,27 @@ one place so it can be revisited (EVIDENCE below; ``bench/learning.py`` measures
    SPADE input width. The inspectable masks of the paper's Figure 3(c) are the SFM outputs
    M_i (argmax over channels), which the generator returns with ``return_masks=True``.
 
-EVIDENCE: see the end of this docstring (filled from bench/learning.py).
+EVIDENCE (bench/learning.py; BENCHMARKS.md "Learning: SSGAN vs SPADE" has the command, the
+curves and the final comparison with train.ema). Demo preset (64 px, ngf 8, sfm_hidden 16),
+512 synthetic scenes, held-out SSIM on 128 scenes of another seed, raw G (no EMA), 1200 steps;
+s0/s1/s2 = run.seed. Screening, at steps 200 / 400 / 600 of seed 0 unless said:
+
+    shipped: paper, default init, maxpool, block   .475 .493 .489  (1200: s0 .553 s1 .550 s2 .546)
+    SPADE baseline (model.sfm=false)                .462 .478 .519  (1200: s0 .515 s1 .539 s2 .522)
+    paper, default init, nearest                    .385 .444 .447
+    paper, xavier 0.02 init, nearest (before)       .395 .416 .425
+    paper, kaiming init, maxpool (s1; s2)           .421 .522 .498, 800: .560;  .462 .456 .470
+    residual, zeroed last convs, maxpool (s0; s1)   .441 .342 .478, 1200: .557;  .435 .481 .506, 1000: .481
+    residual, default init, maxpool                 .426 .360 .497
+    residual, default init, maxpool, upsampled      .475 .483 .470
+    residual, default init, nearest                 .428 .408 .482
+
+Max-pooling M0 beat nearest by .03-.05 in both forms (strokes reach the coarse blocks); the
+xavier init was the worst; the residual form was no better than the paper's and less stable
+(s0 fell to .342 at 400), so the paper's form ships. Kaiming init looked better early on one
+seed and worse on another: kept as an option, not the default. Differences between
+neighbouring checkpoints of one run reach .03-.05, so single points decide nothing; the
+final comparison averages seeds and uses the EMA of G for both models.
 """
 
 from __future__ import annotations
