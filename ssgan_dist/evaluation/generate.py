@@ -4,7 +4,7 @@
 (``--sketch S.png --label L.png --out out.png``), a bare sketch whose label map M0 a sketch
 segmenter predicts (``--sketch S.png --segmenter SEG.pt --out out.png``, M0 written
 as ``out.label.png``), or every sample of a shard set (``--shards SPEC --out DIR``, one
-``<key>.png`` each). Beside each image, ``<name>.mask.png`` shows the SFM's last learned mask
+``<key>.png`` each). Beside each image, ``<name>.mask.png`` shows the SFM's last output M_i
 (argmax over classes, coloured like the label maps), the paper's Figure 3(c).
 ``--num-styles K`` draws K noise vectors per input (``<name>-style<k>.png``);
 ``--grid G.png`` puts inputs x styles side by side: sketch | label | K outputs | real | mask.
