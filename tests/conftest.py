@@ -18,6 +18,7 @@ TINY = [
     "model.image_size=32", "model.ngf=4", "model.ndf=8", "model.spade_hidden=8",
     "model.z_dim=16", "model.sfm_hidden=4", "train.batch_size=2", "train.progress=false",
     "data.num_workers=0", "checkpoint.every=1000", "train.sample_every=1000", "train.log_every=1000",
+    "train.ema=0",  # the demo keeps an EMA of G; tests of G itself see G, the EMA tests set train.ema
 ]
 
 
