@@ -84,9 +84,9 @@ class ModelConfig:
     # Where the paper leaves a choice (models/sfm.py states the reading; bench/learning.py measures it):
     sfm_form: Literal["paper", "residual"] = setting("paper", "SFM output: paper M_i = f (eqs. 4-5); residual "
                                                       "M_i = M0 + f")
-    sfm_init: Literal["default", "kaiming", "zero", "xavier"] = setting(
-        "default", "SFM and ToMask init: PyTorch's (default); He-normal F1/F2 (kaiming); default with F1's and "
-        "F2's last convs zeroed (zero); SPADE's xavier gain 0.02 (xavier: M_i ~1e-4 at step 0)")
+    sfm_init: Literal["kaiming", "default", "zero", "xavier"] = setting(
+        "kaiming", "SFM and ToMask init: He-normal F1/F2 (kaiming, measured best); PyTorch's (default); default "
+        "with F1's and F2's last convs zeroed (zero); SPADE's xavier gain 0.02 (xavier: M_i ~1e-4 at step 0)")
     sfm_resize: Literal["maxpool", "nearest"] = setting("maxpool", "how M0 reaches a block's lower resolution: "
                                                         "maxpool keeps 1-px strokes; nearest is SPADE's resize")
     sfm_tomask: Literal["block", "upsampled"] = setting("block", "ToMask reads x_i at block i's size, mask "

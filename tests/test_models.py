@@ -250,9 +250,16 @@ def test_weight_init_is_spade_xavier() -> None:
     expected_std = 0.02 * math.sqrt(2.0 / (fan + fan))
     assert conv.weight_orig.std().item() == pytest.approx(expected_std, rel=0.05)
     assert (conv.bias == 0).all()
-    # ToMask and the SFM keep PyTorch's default init (kaiming-uniform, a=sqrt(5): bound 1/sqrt(fan_in));
-    # model.sfm_init=zero zeroes F1's and F2's last convs, =xavier gives them SPADE's (models/sfm.py).
-    for conv in (g.sfms[0].f1[0], g.sfms[-1].f2[2], g.to_masks[0].conv):
+    # The SFM's F1 and F2 get He-normal weights and zero biases (model.sfm_init=kaiming, shipped):
+    # leaky_relu(0.2) gain on the first conv, linear on the last; ToMask keeps PyTorch's init.
+    for conv, gain in ((g.sfms[0].f1[0], math.sqrt(2 / 1.04)), (g.sfms[-1].f2[2], 1.0)):
+        expected = gain / math.sqrt(conv.weight.shape[1] * 9)
+        assert conv.weight.std().item() == pytest.approx(expected, rel=0.15) and (conv.bias == 0).all()
+    # PyTorch's default (kaiming-uniform, a=sqrt(5): bound 1/sqrt(fan_in)) for ToMask, and for
+    # the SFM with model.sfm_init=default; =zero zeroes F1's and F2's last convs, =xavier gives
+    # them SPADE's (models/sfm.py).
+    default = build_generator(tiny(64, sfm_init="default"))
+    for conv in (default.sfms[0].f1[0], default.sfms[-1].f2[2], default.to_masks[0].conv, g.to_masks[0].conv):
         bound = 1 / math.sqrt(conv.weight.shape[1] * 9)
         assert conv.weight.abs().max().item() <= bound and conv.weight.std().item() > 0.4 * bound
         assert (conv.bias != 0).all()

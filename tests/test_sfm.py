@@ -77,19 +77,20 @@ def label_contrast(seg: torch.Tensor, lab: torch.Tensor) -> float:
     return (v[small > 0] - v[small == 0].mean(0)).norm(dim=1).mean().item()
 
 
-def test_every_block_carries_m0_layout_at_initialization() -> None:
-    """The shipped configuration (the paper's form, PyTorch's default init for ToMask and the
-    SFM): at step 0 every block's map tells labelled pixels from empty paper (contrast
-    ~0.1-0.2, on a map of magnitude ~1). SPADE's xavier-0.02 init gave ~1e-4 maps (next test)."""
+@pytest.mark.parametrize("init", ["kaiming", "default"])
+def test_every_block_carries_m0_layout_at_initialization(init: str) -> None:
+    """The shipped configuration (the paper's form, He init of F1 and F2) and PyTorch's default
+    init: at step 0 every block's map tells labelled pixels from empty paper (contrast >= ~0.1
+    on a map of magnitude ~1). SPADE's xavier-0.02 init gave ~1e-4 maps (test below)."""
     lab = sketch_labels(2, 64)
-    cfg = tiny()
-    assert (cfg.sfm_form, cfg.sfm_init, cfg.sfm_resize) == ("paper", "default", "maxpool")
+    assert (tiny().sfm_form, tiny().sfm_init, tiny().sfm_resize) == ("paper", "kaiming", "maxpool")
+    cfg = tiny(sfm_init=init)
     for seed in range(3):
         torch.manual_seed(seed)
         g = build_generator(cfg)
         seg, _, _ = block_inputs(g, onehot(lab))
         for name, _ in g.schedule[1:]:
-            assert 0.05 < label_contrast(seg[name], lab) < 1.0, (seed, name)
+            assert 0.05 < label_contrast(seg[name], lab) < 10.0, (seed, name)  # carried, not blown up
             assert seg[name].abs().mean() > 0.05, (seed, name)
 
 

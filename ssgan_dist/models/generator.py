@@ -66,7 +66,7 @@ class SSGANGenerator(nn.Module):
             for name, _ in self.schedule[:-1]:
                 self.to_masks.append(ToMask(widths[name][1], c, cfg.sfm_tomask))
                 self.sfms.append(SFM(c, cfg.sfm_hidden, cfg.background_classes, cfg.sfm_form, cfg.sfm_resize))
-            if cfg.sfm_init == "xavier":  # SPADE's gain 0.02 for ToMask and the SFM too (measured worse)
+            if cfg.sfm_init == "xavier":  # SPADE's gain 0.02 for ToMask and the SFM too (measured worst)
                 init_weights(self.to_masks)
                 init_weights(self.sfms)
             elif cfg.sfm_init == "kaiming":  # F1, F2 variance-preserving: M0's contrast survives the SFM
