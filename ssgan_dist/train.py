@@ -4,6 +4,11 @@ The Trainer owns what every task shares, each part built by one function: teleme
 task (its networks in their engine, see tasks/), the data loader and the checkpoint
 manager. ``fit`` reads top to bottom: wait for the batch, the task's step, then logging,
 samples, checkpoints and the task's evaluation. ``run.task`` picks the task.
+
+A step's batch holds train.accum_steps micro-batches (the task splits it), so the data
+position and the loader are those of one batch per optimizer step. The loop reads what a
+step leaves on the device (losses, the skipped flag) only when it logs or checkpoints,
+all steps since the last read at once: on a GPU the host runs ahead of the device between.
 """
 
 from __future__ import annotations
@@ -53,13 +58,15 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.task: Task = kind(cfg, env)
         self.data: ShardLoader = build_training_loader(
-            cfg.data, env, seed=cfg.run.seed, batch_size=cfg.train.batch_size, image_size=cfg.model.image_size,
+            cfg.data, env, seed=cfg.run.seed, batch_size=cfg.train.batch_size * cfg.train.accum_steps,
+            image_size=cfg.model.image_size,
             num_classes=cfg.model.num_classes, background_classes=cfg.model.background_classes)
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep)
         self.step = 0
         self.skipped_samples = 0
         self.nonfinite_steps = 0
         self.last_eval: dict[str, Any] | None = None
+        self._unread: list[tuple[int, StepOutput]] = []  # (step number, output) not yet read on the host
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -109,6 +116,7 @@ class Trainer:
             log.info("resumed from %s at step %d", path, self.step)
 
     def save_checkpoint(self) -> Path:
+        self.read_steps()  # the counters it writes
         engine = self.task.engine
         path = self.ckpt.save(self.step, self.state_dict(), self.env,
                               save_shards=engine.save_sharded if engine.sharded else None)
@@ -119,6 +127,21 @@ class Trainer:
     # -- one step --------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
         return self.task.train_step(batch, self.step, self.telemetry.lap)
+
+    def read_steps(self) -> tuple[dict[str, float], int]:
+        """Read the unread steps' outputs with one device synchronisation: warn of and count
+        the skipped ones; (the last step's losses, how many were skipped)."""
+        if not self._unread:
+            return {}, 0
+        flags = torch.stack([out.skipped.float() for _, out in self._unread]).tolist()
+        losses, _ = self._unread[-1][1].read()
+        skipped = [step for (step, _), flag in zip(self._unread, flags) if flag]
+        for step in skipped:
+            log.warning("step %d skipped on every rank: non-finite loss%s", step,
+                        f" {losses}" if step == self._unread[-1][0] else "")
+        self.nonfinite_steps += len(skipped)
+        self._unread.clear()
+        return losses, len(skipped)
 
     def save_samples(self, batch: dict[str, Any], out: StepOutput) -> Path:
         return save_png(self.task.sample_grid(batch, out), self.run_dir / "samples" / f"step-{self.step:09d}.png")
@@ -132,7 +155,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         self.maybe_resume()
-        global_batch = cfg.train.batch_size * self.env.world_size
+        global_batch = cfg.train.batch_size * cfg.train.accum_steps * self.env.world_size
         bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.env.is_main and cfg.train.progress),
                    unit="step", dynamic_ncols=True)
         losses: dict[str, float] = {}
@@ -143,14 +166,16 @@ class Trainer:
             self.telemetry.lap("data_wait")
             self._count_skipped(batch.pop("skipped"))
             out = self.train_step(batch)
-            self.telemetry.end_step(len(batch["image"]), out.losses, self.task.engine.learning_rates(), out.skipped)
             self.step += 1
             n_window += 1
-            losses = out.losses
-            if out.skipped:
-                self.nonfinite_steps += 1
-                log.warning("step %d skipped on every rank: non-finite loss %s", self.step, losses)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            self._unread.append((self.step, out))
+            log_now = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
+            checkpoint_now = self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps
+            # Read before a checkpoint too, so that telemetry counts what the checkpoint counts.
+            read, skipped = self.read_steps() if log_now or checkpoint_now else ({}, 0)
+            losses = read or losses
+            self.telemetry.end_step(len(batch["image"]), read, self.task.engine.learning_rates(), skipped)
+            if log_now:
                 elapsed = time.perf_counter() - t_window
                 ips = n_window * global_batch / max(elapsed, 1e-9)
                 log.info("step %d  %.1f img/s  %s", self.step, ips, "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
@@ -159,11 +184,12 @@ class Trainer:
                 t_window, n_window = time.perf_counter(), 0
             if self.env.is_main and (self.step % cfg.train.sample_every == 0 or self.step == cfg.train.max_steps):
                 self.save_samples(batch, out)
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
+            if checkpoint_now:
                 self.save_checkpoint()
             if (result := self.task.evaluate(self.step)) is not None:
                 self.last_eval = result
             if self.step < cfg.train.max_steps and stop_requested is not None and stop_requested():
+                self.read_steps()
                 if self.step % cfg.checkpoint.every:
                     self.save_checkpoint()
                 log.info("stop requested: leaving at step %d, the next start resumes there", self.step)

@@ -182,17 +182,17 @@ def test_fp16_scaler_state_survives_resume(tmp_path, shards32):
 
 
 def test_channels_last_trains_like_contiguous(tmp_path, shards32):
-    """NHWC activations change only the memory layout: the same training within float noise
-    (Adam's eps raised as in the distributed equivalence tests, for zero-gradient biases)."""
-    common = ["train.max_steps=2", "optim.eps=1e-3"]
-    a = _trainer(tmp_path / "a", shards32, *common)
-    a.fit()
-    b = _trainer(tmp_path / "b", shards32, *common, "train.channels_last=true")
+    """NHWC activations change only the memory layout: the gradients a step applies are the
+    same within float noise (compared per tensor, see test_step._worst; parameters after Adam
+    steps would amplify the noise by its sign-like update, differently on every CPU)."""
+    from test_step import _applied, _batch, _worst
+
+    a = _trainer(tmp_path / "a", shards32)
+    b = _trainer(tmp_path / "b", shards32, "train.channels_last=true")
     assert b.task.G.conv_img.weight.is_contiguous(memory_format=torch.channels_last)
-    b.fit()
-    pa, pb = _params(a), _params(b)
-    for k in pa:
-        assert torch.allclose(pa[k], pb[k], atol=1e-5, rtol=1e-4), k
+    ga, gb = _applied(a, _batch(a)), _applied(b, _batch(b))
+    for net in ("G", "D"):
+        assert _worst(ga[net], gb[net]) < 1e-3, net
 
 
 def test_checkpoint_of_another_world_size_is_refused(tmp_path, shards32):

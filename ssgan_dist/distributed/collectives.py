@@ -64,6 +64,14 @@ def any_rank(flag: bool | torch.Tensor) -> bool:
     return bool(t.item()) if t is not None else bool(flag)
 
 
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``tensor`` over ranks (in place), e.g. flags; nothing is
+    read on the host, so on a GPU no host waits for it (NCCL orders it on the streams)."""
+    if _ranks() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``tensor`` over ranks (in place), e.g. counts each rank made."""
     if _ranks() > 1:
