@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ class RunConfig:
 
     dir: str = setting("runs/demo", "run directory: checkpoints, samples, logs and the resolved config", resume=True)
     seed: int = setting(0, "seed of weights, data order, flips and noise (every rank alike)", low=0)
-    name: str = setting("ssgan", "run name: Prometheus `job` label, log prefix, file_sd file name", resume=True)
+    name: str = setting("ssgan", "run name: the Prometheus job label and the file_sd file name", resume=True)
     task: Literal["gan", "segmenter"] = setting("gan", "what to train: the GAN (SSGAN/SPADE) or the sketch "
                                                 "segmenter (sketch -> M0, segmenter.*)")
 
@@ -70,8 +71,8 @@ class ModelConfig:
     z_dim: int = setting(256, "noise dimension (model.use_z)", low=1, high=65536)
     use_z: bool = setting(True, "start from z through a linear layer; false: from the downsampled label map "
                           "through a conv (SPADE without its VAE)")
-    num_upsampling: Literal["normal", "more", "most"] = setting("normal", "x2 upsamplings of G: 5, 6 or 7 "
-                                                                "(SPADE's num_upsampling_layers)")
+    num_upsampling: Literal["normal", "more", "most"] = setting("normal", "x2 upsamplings of G: normal 5, more 6, "
+                                                                "most 7 (SPADE's num_upsampling_layers)")
     spectral_norm: bool = setting(True, "spectral norm on G's block convs and D's convs")
     sfm: bool = setting(True, "Semantic Fusion Modules (SSGAN); false: exactly SPADE's generator (the baseline)")
     sfm_hidden: int = setting(32, "width of the SFM's F1 and F2 conv nets", low=1, high=4096)
@@ -86,7 +87,7 @@ class SegmenterConfig:
     and its input size model.image_size, so that its M0 fits the generator it feeds."""
 
     width: int = setting(32, "channels of the first U-Net level, doubled at every level below", low=1, high=4096)
-    levels: int = setting(3, "U-Net resolutions; image_size must be a multiple of 2^(levels - 1)", low=1, high=10)
+    levels: int = setting(3, "U-Net resolutions; model.image_size must be a multiple of 2^(levels-1)", low=1, high=10)
     dilations: list[int] = setting([1, 2, 4, 8], "dilations of the bottleneck convs (context along strokes)", low=1)
     lr: float = setting(1e-3, "Adam learning rate (betas 0.9, 0.999)", above=0.0, high=1.0)
 
@@ -138,11 +139,14 @@ class TrainConfig:
                                                       "forward less), or a new G forward after G's update (SPADE)")
     ema: float = setting(0.0, "decay of an exponential moving average of G's weights (e.g. 0.999); samples, "
                          "evaluation and generate use it; 0: off", low=0.0, high=0.999999)
-    log_every: int = setting(10, "log losses, img/s and ETA every N steps", low=1, resume=True)
+    log_every: int = setting(10, "every N steps: a log line (step/total, img/s, ETA, losses, learning rates) and "
+                               "a line of run.dir/scalars.jsonl (and TensorBoard)", low=1, resume=True)
     sample_every: int = setting(100, "write a sample grid every N steps", low=1, resume=True)
     threads: int = setting(0, "torch intra-op threads per process; 0: torch's default", low=0, high=1024, resume=True)
-    progress: bool = setting(True, "progress bar on a terminal (plain periodic lines otherwise)", resume=True)
-    tensorboard: bool = setting(True, "TensorBoard scalars and samples in run.dir/tb when tensorboard is installed",
+    progress: bool = setting(True, "a progress bar when stderr is a terminal (off a terminal: "
+                          "only the log_every lines)", resume=True)
+    tensorboard: bool = setting(True, "TensorBoard scalars and sample grids in run.dir/tb (needs "
+                                "the tensorboard package: pip install -e '.[tensorboard]')",
                                 resume=True)
 
 
@@ -203,11 +207,13 @@ class MetricsConfig:
 
     enabled: bool = setting(False, "serve Prometheus metrics from every rank", resume=True)
     addr: str = setting("127.0.0.1", "bind address (SLURM jobs bind the node's address)", resume=True)
-    port: int = setting(9400, "rank r serves on port + local rank; 0: every rank picks a free port (see file_sd)",
+    port: int = setting(18400, "rank r serves on port + local rank (18400-18407 for 8 GPUs: clear of exporters' "
+                        "9100-9999 and torchrun's 29400/29500); 0: every rank picks a free port (see file_sd)",
                         low=0, high=65535, resume=True)
     file_sd: str = setting("", "Prometheus file_sd JSON of every rank's exporter (a dir: <dir>/<run.name>.json); "
                            "empty: none", resume=True)
-    peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0: from telemetry's device table", low=0.0,
+    peak_flops: float = setting(0.0, "per-device peak FLOP/s for MFU; 0: a built-in table (H100, H200, A100; "
+                                "1e11 on CPU)", low=0.0,
                                 resume=True)
     linger_s: float = setting(0.0, "keep serving this long after the last step so the final values get scraped",
                               low=0.0, high=3600.0, resume=True)
@@ -218,7 +224,7 @@ class EvalConfig:
     """FID/SSIM during training."""
 
     every: int = setting(0, "evaluate every N steps; 0: never during training", low=0, resume=True)
-    shards: str = setting("", "held-out shards to evaluate on", resume=True)
+    shards: str = setting("", "held-out shards to evaluate on (dir, brace pattern or comma list)", resume=True)
     inception_weights: str = setting("", "pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth)",
                                      resume=True)
     max_samples: int = setting(0, "evaluate the first N samples; 0: all", low=0, resume=True)
@@ -398,15 +404,71 @@ def check_ranges(cfg: Config) -> None:
                                   f"({f.metadata['doc']})")
 
 
-def describe_keys() -> str:
-    """One line per key: dotted name, type, default, doc (generated from the dataclasses)."""
-    hints = {section.name: typing.get_type_hints(type(getattr(Config(), section.name)))
-             for section in dataclasses.fields(Config)}
+def _help_type(tp: Any) -> str:
+    """A key's type for --help: int, float, str, bool, list of int, or the choices a|b|c."""
+    if get_origin(tp) is Literal:
+        return "|".join(map(str, get_args(tp)))
+    if get_origin(tp) is list:
+        return f"list of {_help_type(get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def yaml_value(value: Any) -> str:
+    """A value as it is written in YAML and in key=value overrides (true, 2.0e-04, '', [1, 2])."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def describe_keys(width: int = 100) -> str:
+    """Every key, section by section: ``  section.key (type, default X): doc``, wrapped at
+    ``width`` (generated from the dataclasses and their ``setting`` metadata, for --help)."""
+    cfg = Config()
     lines = []
-    for key, f, default in keys():
-        section, name = key.split(".")
-        lines.append(f"  {key} ({_type_name(hints[section][name])}, default {default!r}): {f.metadata['doc']}")
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        doc = (type(values).__doc__ or "").strip().split("\n\n")[0]
+        lines.append(textwrap.fill(f" {section.name}: " + " ".join(doc.split()), width=width, subsequent_indent=" " * 3))
+        hints = typing.get_type_hints(type(values))
+        for f in dataclasses.fields(values):
+            head = f"  {section.name}.{f.name} ({_help_type(hints[f.name])}, default {yaml_value(getattr(values, f.name))}): "
+            lines.append(textwrap.fill(head + f.metadata["doc"], width=width, subsequent_indent=" " * 6,
+                                       break_on_hyphens=False))
     return "\n".join(lines)
+
+
+def preset_summary(name: str) -> str:
+    """The first comment line of a preset file: what it is for, in one line."""
+    for line in (PRESET_DIR / f"{name}.yaml").read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def describe_presets() -> str:
+    """One line per preset: its name and its first comment line (for --help)."""
+    names = preset_names()
+    width = max(map(len, names)) + 2
+    return "\n".join(f"  {name:<{width}}{preset_summary(name)}" for name in names)
+
+
+def dump_config(cfg: Config, comment: str = "") -> str:
+    """The config as YAML that --config reads back to an equal config; ``comment`` on top."""
+    head = "".join(f"# {line}\n" for line in comment.splitlines())
+    return head + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def require_training_data(cfg: Config) -> None:
+    """A run that is about to train must have real shards unless synthetic scenes are allowed:
+    paper presets set data.allow_synthetic=false, so that an empty data.shards is an error
+    before any work (checked by train and by the SLURM submitter) instead of a model trained
+    on toy data."""
+    if not cfg.data.shards and not cfg.data.allow_synthetic:
+        raise ConfigError(
+            "data.shards: empty, and this config trains on real data only (data.allow_synthetic=false, as every "
+            "paper preset sets): give data.shards=DIR|PATTERN (shards built by ssgan-shards, e.g. "
+            "`ssgan-shards sketchycoco --root SketchyCOCO --split trainInTrain --out DIR`), or "
+            "data.allow_synthetic=true to train on generated synthetic scenes on purpose")
 
 
 def validate(cfg: Config) -> None:

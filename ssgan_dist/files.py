@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -125,3 +126,18 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def check_sha256(path: str | os.PathLike, expected: str, *, official: str, source: str, log: logging.Logger) -> str:
+    """The sha256 of a weights file; a warning naming both hashes when it is not ``expected``,
+    the hash of the ``official`` file (from ``source``): a converted or fine-tuned copy may be
+    meant, so it is used, but its results are not comparable with the official weights'."""
+    digest = sha256_file(path)
+    if digest != expected and (str(path), digest) not in _WARNED:
+        _WARNED.add((str(path), digest))  # once per process: evaluation during training loads it again
+        log.warning("%s is not %s: its sha256 is %s, the official file's is %s (%s). Using it as given; results "
+                    "are not comparable with those of the official weights.", path, official, digest, expected, source)
+    return digest

@@ -13,7 +13,6 @@ segmenter one forward on one sketch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -23,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ssgan_dist.config import Config, ModelConfig, SegmenterConfig, load_config
 from ssgan_dist.models import build_discriminator, build_generator, build_segmenter
-from ssgan_dist.shell import command_name, run_cli
+from ssgan_dist.shell import command_parser, print_config, run_cli
 
 BATCH = 2
 
@@ -87,14 +86,14 @@ def format_table(cfg: Config, counts: dict[str, dict[str, int]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=command_name("ssgan_dist.summary"), description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=None, help="preset name or YAML path (default: demo)")
+    parser = command_parser("ssgan_dist.summary", __doc__, config=True)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. model.sfm=false")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     def command() -> int:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return print_config(cfg, [parser.prog, *(sys.argv[1:] if argv is None else argv)])
         counts = summarize(cfg)
         print(json.dumps(counts, indent=2) if args.json else format_table(cfg, counts))
         return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,14 +51,30 @@ GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
 CPU_PEAK_FLOPS = 1.0e11
 
 
+# Exporters serving in this process. A forked child (a DataLoader worker) must not keep their
+# listening sockets: an orphaned child of a killed trainer would hold the port. The hook runs
+# in every child forked after this module is imported and closes its copies of them.
+_SERVERS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _close_servers_in_child() -> None:
+    for server in list(_SERVERS):
+        server.socket.close()  # the child's copy of the descriptor; the parent keeps serving
+
+
+os.register_at_fork(after_in_child=_close_servers_in_child)
+
+
 @dataclass(frozen=True)
 class MetricSeries:
     """The label values a task's metrics take, fixed at start (no high-cardinality labels):
-    its step phases (lapped by its step), loss terms and networks."""
+    its step phases (lapped by its step), loss terms and networks, and the scores its
+    evaluation during training reports (each one gauge, ``ssgan_eval_<score>``)."""
 
     step_phases: tuple[str, ...]
     terms: tuple[str, ...]
     nets: tuple[str, ...]
+    scores: tuple[str, ...] = ()
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -227,7 +244,13 @@ class Telemetry:
         """Bad data samples the loader skipped."""
 
     def checkpoint_saved(self) -> None:
-        """The step's checkpoint is written (every rank calls it, so every rank reports the age)."""
+        """The step's checkpoint is written (every rank calls it, so every rank reports its time)."""
+
+    def at_step(self, step: int, max_steps: int) -> None:
+        """The run's step (after a step, and on resume) and where it ends: the ETA's inputs."""
+
+    def evaluated(self, step: int, scores: Mapping[str, float]) -> None:
+        """The scores (fid, ssim, ...) of the evaluation at ``step``."""
 
     def state_dict(self) -> dict[str, int]:
         return {"restarts": self.restarts}
@@ -297,10 +320,18 @@ class PrometheusTelemetry(Telemetry):
         self._last_step = metric(Gauge, "ssgan_last_step_timestamp_seconds",
                                  "Unix time of the last finished step (process start before the first).").labels(**base)
         self._last_step.set(time.time())
-        self._ckpt_time = time.time()
-        metric(Gauge, "ssgan_checkpoint_age_seconds",
-               "Seconds since this rank's last checkpoint (since process start before the first).").labels(
-            **base).set_function(lambda: time.time() - self._ckpt_time)
+        # A timestamp, not an age: Prometheus computes the age (time() - ...) at query time, and a
+        # dead process's last value still says when its last checkpoint was written.
+        self._last_ckpt = metric(Gauge, "ssgan_last_checkpoint_timestamp_seconds",
+                                 "Unix time of this rank's last checkpoint (process start before the first).").labels(
+            **base)
+        self._last_ckpt.set(time.time())
+        self._step = metric(Gauge, "ssgan_step", "The run's training step (continues across restarts).").labels(**base)
+        self._max_steps = metric(Gauge, "ssgan_max_steps", "The step the run ends at (train.max_steps).").labels(**base)
+        self._eval_step = metric(Gauge, "ssgan_eval_step", "The training step of the last evaluation.").labels(**base)
+        self._scores = {score: metric(Gauge, f"ssgan_eval_{score}",
+                                      f"{score.upper()} of the last evaluation during training (eval.every).").labels(
+            **base) for score in series.scores}
 
         self._server: Any = None
         self._targets: Path | None = None
@@ -321,13 +352,16 @@ class PrometheusTelemetry(Telemetry):
         else:
             try:
                 self._server, _ = start_http_server(port, addr=m.addr, registry=self.registry)
+                _SERVERS.add(self._server)
                 port = self._server.server_port
             except OSError as exc:
                 error = (f"metrics.port: rank {env.rank} cannot serve metrics on {m.addr}:{port} of {env.node} "
                          f"(metrics.port={m.port} + local rank {env.local_rank}): {exc.strerror or exc}. "
-                         "Another run on this machine probably holds it: give this run another metrics.port "
-                         "(each rank uses metrics.port + its local rank), or metrics.port=0 to let every rank "
-                         "pick a free port (listed in metrics.file_sd).")
+                         f"Some program on {env.node} listens there (`ss -ltnp 'sport = :{port}'` names it). "
+                         "Choose a free base: metrics.port=N (every rank uses N + its local rank, so N..N+7 on "
+                         "an 8-GPU node), or metrics.port=0 to let every rank pick a free port (then "
+                         "metrics.file_sd tells Prometheus where), or metrics.enabled=false to train without "
+                         "metrics.")
         mine = Endpoint(env.rank, env.node, host, port, error)
         endpoints = gather_to_all(mine)  # every rank learns of every failure: none waits forever
         errors = [e.error for e in endpoints if e.error]
@@ -386,7 +420,17 @@ class PrometheusTelemetry(Telemetry):
             self._skipped.inc(count)
 
     def checkpoint_saved(self) -> None:
-        self._ckpt_time = time.time()
+        self._last_ckpt.set(time.time())
+
+    def at_step(self, step: int, max_steps: int) -> None:
+        self._step.set(step)
+        self._max_steps.set(max_steps)
+
+    def evaluated(self, step: int, scores: Mapping[str, float]) -> None:
+        self._eval_step.set(step)
+        for score, value in scores.items():
+            if score in self._scores:
+                self._scores[score].set(value)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         before = self.restarts

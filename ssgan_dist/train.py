@@ -1,4 +1,8 @@
-"""Train a run: ``python -m ssgan_dist.train [--config NAME|PATH] [key=value ...]`` (ssgan-train).
+"""Train SSGAN (or its sketch segmenter) from a preset or YAML config and key=value overrides.
+
+``python -m ssgan_dist.train [--config NAME|PATH] [key=value ...]`` (console script
+``ssgan-train``); under ``torchrun`` on every rank. Outputs go to run.dir: checkpoints,
+samples/, train.log, scalars.jsonl, tb/ (TensorBoard) and config.yaml.
 
 The Trainer owns what every task shares, each part built by one function: telemetry, the
 task (its networks in their engine, see tasks/), the data loader and the checkpoint
@@ -13,26 +17,26 @@ all steps since the last read at once: on a GPU the host runs ahead of the devic
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from ssgan_dist import checkpoint as ckpt
-from ssgan_dist.config import Config, ConfigError, load_config, save_config
+from ssgan_dist.config import Config, ConfigError, load_config, require_training_data, save_config
 from ssgan_dist.data.loaders import ShardLoader, build_training_loader
+from ssgan_dist.data.skips import Skipped
 from ssgan_dist.distributed.collectives import gather_to_all
 from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.errors import SetupError
 from ssgan_dist.images import save_png
 from ssgan_dist.precision import check_precision
-from ssgan_dist.shell import command_name, run_cli, setup_logging
+from ssgan_dist.scalars import Scalars, build_scalars
+from ssgan_dist.shell import Progress, command_parser, format_duration, print_config, run_cli, setup_logging
 from ssgan_dist.tasks import TASKS
 from ssgan_dist.tasks.base import StepOutput, Task
 from ssgan_dist.telemetry import Telemetry, build_telemetry
@@ -67,6 +71,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self.last_eval: dict[str, Any] | None = None
         self._unread: list[tuple[int, StepOutput]] = []  # (step number, output) not yet read on the host
+        self.scalars: Scalars = Scalars()  # rank 0's JSONL/TensorBoard writer once fit() has resumed
 
     # -- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -144,7 +149,29 @@ class Trainer:
         return losses, len(skipped)
 
     def save_samples(self, batch: dict[str, Any], out: StepOutput) -> Path:
-        return save_png(self.task.sample_grid(batch, out), self.run_dir / "samples" / f"step-{self.step:09d}.png")
+        grid = self.task.sample_grid(batch, out)
+        self.scalars.image("samples", self.step, grid)
+        return save_png(grid, self.run_dir / "samples" / f"step-{self.step:09d}.png")
+
+    # -- reporting -------------------------------------------------------------------
+    def report(self, losses: Mapping[str, float], images_per_s: float, eta_s: float | None) -> dict[str, float]:
+        """The log line of a logged step (step/total, img/s, ETA, losses, learning rates) and
+        its scalars for scalars.jsonl and TensorBoard."""
+        lrs = self.task.engine.learning_rates()
+        total = self.cfg.train.max_steps
+        eta = format_duration(eta_s) if eta_s is not None else "-"
+        log.info("step %d/%d (%.0f%%)  %.1f img/s  ETA %s  %s  lr %s", self.step, total, 100.0 * self.step / total,
+                 images_per_s, eta, "  ".join(f"{k} {v:.4f}" for k, v in losses.items()),
+                 " ".join(f"{net} {lr:.3g}" for net, lr in lrs.items()))
+        return {**{f"loss/{k}": v for k, v in losses.items()}, **{f"lr/{net}": lr for net, lr in lrs.items()},
+                "perf/img_per_s": images_per_s}
+
+    def evaluated(self, result: dict[str, Any]) -> dict[str, float]:
+        """An evaluation's scores (the task's series.scores) to telemetry; its scalars."""
+        self.last_eval = result
+        scores = {k: float(result[k]) for k in self.task.series.scores if k in result}
+        self.telemetry.evaluated(self.step, scores)
+        return {f"eval/{k}": v for k, v in scores.items()}
 
     # -- the loop --------------------------------------------------------------------
     def fit(self, stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
@@ -156,10 +183,15 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         self.maybe_resume()
         global_batch = cfg.train.batch_size * cfg.train.accum_steps * self.env.world_size
-        bar = tqdm(total=cfg.train.max_steps, initial=self.step, disable=not (self.env.is_main and cfg.train.progress),
-                   unit="step", dynamic_ncols=True)
+        self.scalars = build_scalars(self.run_dir, main=self.env.is_main, tensorboard=cfg.train.tensorboard,
+                                     resume_step=self.step)
+        # On a terminal a bar; off one, the log_every lines below are the periodic lines.
+        progress = Progress("train", cfg.train.max_steps, unit="step", initial=self.step,
+                            enabled=self.env.is_main and cfg.train.progress, lines=False)
+        self.telemetry.at_step(self.step, cfg.train.max_steps)
         losses: dict[str, float] = {}
         t_window, n_window = time.perf_counter(), 0
+        t_first, first_step = None, self.step  # the ETA's rate leaves out the first step (warm-up)
         while self.step < cfg.train.max_steps:
             self.telemetry.begin_step()
             batch = next(self.data)
@@ -167,8 +199,13 @@ class Trainer:
             self._count_skipped(batch.pop("skipped"))
             out = self.train_step(batch)
             self.step += 1
+            progress.update(1)
+            self.telemetry.at_step(self.step, cfg.train.max_steps)
             n_window += 1
             self._unread.append((self.step, out))
+            scalars: dict[str, float] = {}
+            if t_first is None:
+                t_first, first_step = time.perf_counter(), self.step
             log_now = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
             checkpoint_now = self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps
             # Read before a checkpoint too, so that telemetry counts what the checkpoint counts.
@@ -176,47 +213,50 @@ class Trainer:
             losses = read or losses
             self.telemetry.end_step(len(batch["image"]), read, self.task.engine.learning_rates(), skipped)
             if log_now:
-                elapsed = time.perf_counter() - t_window
-                ips = n_window * global_batch / max(elapsed, 1e-9)
-                log.info("step %d  %.1f img/s  %s", self.step, ips, "  ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-                bar.set_postfix({"img/s": f"{ips:.1f}",
-                                 **{k: f"{losses[t]:.3f}" for k, t in self.task.progress_terms.items()}})
+                now = time.perf_counter()
+                ips = n_window * global_batch / max(now - t_window, 1e-9)
+                done = self.step - first_step
+                eta = (cfg.train.max_steps - self.step) * (now - t_first) / done if done else None
+                scalars |= self.report(losses, ips, eta)
+                progress.set_postfix({"img/s": f"{ips:.1f}",
+                                      **{k: f"{losses[t]:.3f}" for k, t in self.task.progress_terms.items()}})
                 t_window, n_window = time.perf_counter(), 0
             if self.env.is_main and (self.step % cfg.train.sample_every == 0 or self.step == cfg.train.max_steps):
                 self.save_samples(batch, out)
             if checkpoint_now:
                 self.save_checkpoint()
             if (result := self.task.evaluate(self.step)) is not None:
-                self.last_eval = result
+                scalars |= self.evaluated(result)
+            if scalars:
+                self.scalars.log(self.step, scalars)
             if self.step < cfg.train.max_steps and stop_requested is not None and stop_requested():
                 self.read_steps()
                 if self.step % cfg.checkpoint.every:
                     self.save_checkpoint()
                 log.info("stop requested: leaving at step %d, the next start resumes there", self.step)
                 break
-            bar.update(1)
-        bar.close()
+        progress.close()
+        self.scalars.close()
         self.telemetry.close()
         return losses
 
-    def _count_skipped(self, skipped: list[str]) -> None:
-        for reason in skipped:
-            log.warning("skipped bad sample: %s", reason)
-        self.skipped_samples += len(skipped)
-        self.telemetry.samples_skipped(len(skipped))
-
-
-def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    parser = argparse.ArgumentParser(prog=command_name("ssgan_dist.train"), description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="preset name (ssgan_dist/configs) or YAML path; default: demo")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
-    args = parser.parse_args(argv)
-    return args.config, args.overrides
+    def _count_skipped(self, skipped: Skipped) -> None:
+        """Count what the loader skipped (it logs the skips as it meets them, see data/skips.py)."""
+        self.skipped_samples += skipped.count
+        self.telemetry.samples_skipped(skipped.count)
 
 
 def main(argv: list[str] | None = None) -> int:
-    preset, overrides = parse_args(argv)
-    return run_cli(lambda: _train(load_config(preset, overrides), None))
+    parser = command_parser("ssgan_dist.train", "\n\n".join(__doc__.split("\n\n")[:2]), config=True)
+    args = parser.parse_intermixed_args(argv)
+
+    def command() -> int:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            return print_config(cfg, [parser.prog, *(sys.argv[1:] if argv is None else argv)])
+        return _train(cfg, None)
+
+    return run_cli(command)
 
 
 def run(cfg: Config, stop_requested: Callable[[], bool] | None = None) -> int:
@@ -227,6 +267,7 @@ def run(cfg: Config, stop_requested: Callable[[], bool] | None = None) -> int:
 
 
 def _train(cfg: Config, stop_requested: Callable[[], bool] | None) -> int:
+    require_training_data(cfg)  # before the process group or any file: a paper preset without shards
     env = setup()
     try:
         setup_logging(env.rank, verbose=env.is_main, file=Path(cfg.run.dir) / "train.log" if env.is_main else None)

@@ -11,8 +11,10 @@ import torch
 
 from badsamples import BAD_KEY, KINDS, write_bad_shards
 from ssgan_dist.data import dali_loader, loaders
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.data.schema import BadSample, encode_sample
 from ssgan_dist.data.shards import resolve_shards
+from ssgan_dist.data.skips import Skipped
 from ssgan_dist.data.synthetic import make_scene
 from ssgan_dist.data.torch_loader import build_torch_loader
 from ssgan_dist.data.writer import build_synthetic_shards
@@ -34,12 +36,13 @@ def _torch(shards, *, batch=4, flip=False):
 
 
 def _samples(loader, batches):
-    """key -> (sketch, label, image) over ``batches`` batches."""
+    """key -> (sketch, label, image) as a step takes them, over ``batches`` batches."""
     out = {}
     for _ in range(batches):
         b = next(loader)
+        x = step_tensors(b, CPU)
         for i, key in enumerate(b["key"]):
-            out[key] = (b["sketch"][i], b["label"][i], b["image"][i])
+            out[key] = (x["sketch"][i], x["label"][i], x["image"][i])
     return out
 
 
@@ -47,13 +50,14 @@ def _samples(loader, batches):
 def test_same_samples_and_layout_as_the_torch_loader(shards32):
     loader = _dali(shards32)
     batch = next(loader)
-    assert batch["sketch"].shape == (4, 1, 32, 32) and batch["sketch"].dtype == torch.float32
-    assert batch["label"].shape == (4, 32, 32) and batch["label"].dtype == torch.int64
-    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
-    assert -1 <= batch["image"].min() and batch["image"].max() <= 1 and 0 <= batch["sketch"].min()
-    assert batch["skipped"] == [] and len(batch["key"]) == 4
+    reference = next(_torch(shards32))
+    for part in ("sketch", "label", "image"):  # one batch layout: uint8, same shapes and strides
+        assert batch[part].dtype == torch.uint8 and batch[part].shape == reference[part].shape, part
+        assert batch[part].stride() == reference[part].stride(), part
+    assert batch["skipped"] == Skipped() and len(batch["key"]) == 4
+    x = step_tensors(batch, CPU)
     dali = _samples(loader, 5)  # with the first: one epoch of 24
-    dali.update({k: (batch["sketch"][i], batch["label"][i], batch["image"][i]) for i, k in enumerate(batch["key"])})
+    dali.update({k: (x["sketch"][i], x["label"][i], x["image"][i]) for i, k in enumerate(batch["key"])})
     ref = _samples(_torch(shards32), 6)
     assert set(dali) == set(ref) and len(ref) == 24
     for key, (sketch, label, image) in ref.items():
@@ -143,8 +147,9 @@ def test_bad_samples_are_skipped_or_raised_with_shard_and_key(tmp_path, kind):
     loader = _dali(tmp_path, batch=2)
     batches = [next(loader) for _ in range(4)]  # two passes over 3 good + 1 bad
     assert all(len(b["key"]) == 2 for b in batches) and BAD_KEY not in {k for b in batches for k in b["key"]}
-    skipped = [s for b in batches for s in b["skipped"]]
+    skipped = [s for b in batches for s in b["skipped"].reasons]
     assert skipped and all(BAD_KEY in s and shard in s for s in skipped)
+    assert sum(b["skipped"].count for b in batches) == len(skipped)
     with pytest.raises(BadSample) as err:  # "missing" already when the loader is built
         strict = _dali(tmp_path, batch=2, on_error="raise")
         for _ in range(4):
@@ -165,7 +170,7 @@ def test_undecodable_image_stops_with_a_pointer_to_verify(tmp_path, on_error):
 
 def test_missing_dali_says_how_to_install(shards32, monkeypatch):
     monkeypatch.setattr(dali_loader, "dali_available", lambda: False)
-    with pytest.raises(SetupError, match=r"pip install 'ssgan-dist\[dali\]'"):
+    with pytest.raises(SetupError, match=r"pip install -e '\.\[dali-cuda12\]'"):
         _dali(shards32)
 
 

@@ -14,7 +14,7 @@ from test_distributed import _run, _torchrun
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-STEP_LINE = re.compile(r"step (\d+) .* g_total (\S+)\s+d_hinge (\S+)")
+STEP_LINE = re.compile(r"step (\d+)/\d+ .* g_total (\S+)\s+d_hinge (\S+)")
 
 
 def _train(run_dir, shards, *extra):

@@ -66,10 +66,9 @@ def test_folder_round_trip_and_missing_parts(tmp_path):
     for raw in raws:
         sample = decode_sample(raw, shard="x", num_classes=20, image_size=SIZE)
         sketch, label, image = scenes[raw["__key__"]]
-        assert np.array_equal(sample["label"].numpy(), label)
-        assert np.array_equal(np.round(sample["sketch"][0].numpy() * 255), sketch)
-        decoded = (sample["image"].permute(1, 2, 0).numpy() + 1) * 127.5
-        assert np.abs(decoded - image).mean() < 6  # up to two JPEG generations of a textured scene
+        assert np.array_equal(sample["label"], label)
+        assert np.array_equal(sample["sketch"], sketch)
+        assert np.abs(sample["image"].astype(float) - image).mean() < 6  # up to two JPEG generations of a scene
     assert verify(tmp_path / "out").ok
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.distributed.env import setup
 from ssgan_dist.labels import onehot
 from ssgan_dist.train import Trainer
@@ -34,7 +35,8 @@ def test_d_step_fakes(tmp_path, shards32, mode):
     n = batch["image"].shape[0]
     d_step_fakes = seen[-1][:n]  # D's calls: the G step's (frozen D), then the D step's
     with torch.no_grad():
-        updated = t.task.G(onehot(batch["label"], t.cfg.model.num_classes), t.task.step_noise(0, n))
+        label = step_tensors(batch, torch.device("cpu"), ("label",))["label"]  # the loader's uint8, as the step takes it
+        updated = t.task.G(onehot(label, t.cfg.model.num_classes), t.task.step_noise(0, n))
     assert not torch.equal(out.visuals["fake"], updated)  # G did move
     if mode == "reuse":
         assert torch.equal(d_step_fakes, out.visuals["fake"])

@@ -14,6 +14,7 @@ from PIL import Image
 
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.evaluation.generate import main
+from ssgan_dist.grid import Layout
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,9 @@ def test_a_shard_set_with_styles_and_a_grid(tmp_path, capsys, trained_checkpoint
     assert len(images) == 6 and len(masks) == 6 and all("-style" in n for n in images)
     styles = sorted(out.glob("*-style*.png"))[:2]
     assert not np.array_equal(_pixels(styles[0]), _pixels(styles[1]))  # two styles of one input differ
-    # 3 rows of sketch | label | 2 styles | real | mask, 32 px each
-    assert Image.open(grid).size == (6 * 32, 3 * 32)
+    # 3 rows of sketch | label | 2 styles | real | mask, 32 px tiles upscaled, with gutters and a header
+    height, width = Layout(32, 3, 6).shape
+    assert Image.open(grid).size == (width, height)
 
 
 def _label_png(path: Path, array: np.ndarray, mode: str = "L") -> Path:

@@ -9,6 +9,7 @@ The config, rules, rule unit tests and dashboard JSON are checked offline as wel
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -38,6 +39,8 @@ PROM_DIR = ROOT / "monitoring" / "prometheus"
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "ssgan-training.json"
 STEPS, BATCH, RANKS = 120, 2, 2
 JOB = "prom-test"
+# The run evaluates during training (random Inception weights) when torch-fidelity is there.
+EVALUATES = importlib.util.find_spec("torch_fidelity") is not None
 
 needs_prometheus = pytest.mark.skipif(
     not (shutil.which("prometheus") and shutil.which("promtool")),
@@ -129,12 +132,21 @@ def _torchrun(run_dir: Path, shards: Path, master_port: int, *extra: str) -> sub
 def scraped_run(prometheus, shards32, tmp_path_factory) -> dict:
     """A 2-rank run scraped by Prometheus, and a second run started on its metrics ports meanwhile."""
     tmp = tmp_path_factory.mktemp("runs")
+    evaluation = []
+    if EVALUATES:
+        import torch
+
+        from test_evaluate import _random_inception_state
+
+        torch.save(_random_inception_state(tmp), tmp / "inception.pth")
+        evaluation = [f"eval.every={STEPS // 2}", f"eval.shards={shards32}", f"eval.inception_weights={tmp / 'inception.pth'}",
+                      "eval.max_samples=4", f"data.cache_dir={tmp / 'cache'}"]
     base = _free_port(pair=True)
     targets = prometheus.targets / f"{JOB}.json"
     started = time.time()
     run = _torchrun(tmp / "a", shards32, _free_port(), f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
                     f"run.name={JOB}", f"metrics.port={base}", f"metrics.file_sd={prometheus.targets}/",
-                    "metrics.linger_s=3", f"checkpoint.every={STEPS // 2}")
+                    "metrics.linger_s=3", f"checkpoint.every={STEPS // 2}", *evaluation)
     try:
         while not targets.exists():  # every rank serves once rank 0 has written the targets
             assert run.poll() is None, run.communicate()[0][-4000:]
@@ -209,7 +221,15 @@ def test_every_design_metric_is_scraped_with_sane_values(prometheus, scraped_run
     assert _by_rank(last("ssgan_data_samples_skipped_total")) == {r: 0 for r in ranks}
     assert _by_rank(last("ssgan_nonfinite_steps_skipped_total")) == {r: 0 for r in ranks}
     assert _by_rank(last("ssgan_restarts_total")) == {r: 0 for r in ranks}
-    assert all(0 <= v < 600 for v in _by_rank(last("ssgan_checkpoint_age_seconds")).values())
+    checkpoints = _by_rank(last("ssgan_last_checkpoint_timestamp_seconds"))
+    assert all(scraped_run["start"] < v < scraped_run["end"] for v in checkpoints.values()) and set(checkpoints) == ranks
+    assert _by_rank(last("ssgan_step")) == {r: STEPS for r in ranks}
+    assert _by_rank(last("ssgan_max_steps")) == {r: STEPS for r in ranks}
+    if EVALUATES:
+        assert _by_rank(last("ssgan_eval_step")) == {r: STEPS for r in ranks}
+        fid, ssim = _by_rank(last("ssgan_eval_fid")), _by_rank(last("ssgan_eval_ssim"))
+        assert set(fid) == ranks and len(set(fid.values())) == 1 and all(v > 0 for v in fid.values())
+        assert set(ssim) == ranks and all(-1 <= v <= 1 for v in ssim.values())
     stamps = _by_rank(last("ssgan_last_step_timestamp_seconds"))
     assert all(scraped_run["start"] < v < scraped_run["end"] for v in stamps.values()) and set(stamps) == ranks
     nodes = {r["metric"]["node"] for r in last("ssgan_steps_total")}
@@ -222,7 +242,7 @@ def test_every_design_metric_is_scraped_with_sane_values(prometheus, scraped_run
 def test_every_rule_evaluates_without_error(prometheus, scraped_run):
     groups = _get(f"{prometheus.url}/api/v1/rules")["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 11
+    assert len(rules) == 12
     assert [r["name"] for r in rules if r["health"] != "ok"] == []
 
 
@@ -238,6 +258,8 @@ def test_every_dashboard_query_returns_series(prometheus, scraped_run, rank):
     fill = {"$job": JOB, "$rank": rank, "$__rate_interval": "2s", "$__interval": "1s"}
     empty = []
     for title, expr in _panel_queries():
+        if "ssgan_eval_" in expr and not EVALUATES:
+            continue  # no evaluation without torch-fidelity
         for var, value in fill.items():
             expr = expr.replace(var, value)
         assert "$" not in expr, (title, expr)
@@ -261,6 +283,20 @@ def test_promtool_checks_config_rules_and_rule_unit_tests():
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
     tested = {a for t in tests for a in re.findall(r"alertname: (\w+)", (PROM_DIR / "tests" / t).read_text())}
     assert alerts == tested  # every alert has a unit test
+
+
+def test_every_alert_has_a_description_and_a_runbook_section():
+    rules = yaml.safe_load((PROM_DIR / "rules" / "ssgan.rules.yml").read_text())
+    runbooks = (ROOT / "monitoring" / "README.md").read_text()
+    headings = {line[4:].strip().lower() for line in runbooks.splitlines() if line.startswith("### ")}
+    alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+    assert len(alerts) == 8
+    for rule in alerts:
+        notes = rule["annotations"]
+        assert {"summary", "description", "runbook_url"} <= set(notes), rule["alert"]
+        assert len(notes["description"]) > len(notes["summary"]), rule["alert"]
+        page, _, anchor = notes["runbook_url"].partition("#")
+        assert page == "monitoring/README.md" and anchor == rule["alert"].lower() and anchor in headings, rule["alert"]
 
 
 def test_dashboard_parses_with_the_grafana_schema_sdk():

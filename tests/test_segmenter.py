@@ -28,6 +28,7 @@ from ssgan_dist.evaluation import generate
 from ssgan_dist.evaluation.evaluate_segmenter import evaluate_segmenter, scores
 from ssgan_dist.evaluation.evaluate_segmenter import main as evaluate_main
 from ssgan_dist.evaluation.inference import load_segmenter, run_segmenter
+from ssgan_dist.grid import Layout
 from ssgan_dist.labels import PALETTE, STROKE_THRESHOLD, stroke_mask
 from ssgan_dist.models.segmenter import IGNORE, stroke_cross_entropy, stroke_targets
 from ssgan_dist.tasks.segmenter import SegmenterTask
@@ -190,7 +191,8 @@ def test_cli_trains_the_segment_demo_preset(tmp_path, shards32):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "ckpt-000000002.pt").is_file()
-    assert Image.open(tmp_path / "run" / "samples" / "step-000000002.png").size == (3 * 32, 2 * 32)
+    height, width = Layout(32, 2, 3).shape  # sketch | true M0 | predicted M0, 2 rows, upscaled, with a header
+    assert Image.open(tmp_path / "run" / "samples" / "step-000000002.png").size == (width, height)
     assert "s_ce" in proc.stderr
 
 
@@ -238,10 +240,12 @@ def test_sketch_only_generation_uses_the_segmenters_m0(tmp_path, capsys, monkeyp
 
 
 @pytest.fixture(scope="module")
-def ten_class_segmenter(tmp_path_factory, shards32) -> Path:
+def ten_class_segmenter(tmp_path_factory) -> Path:
     """An (untrained) segmenter checkpoint of 10 classes: not the 20 of the conftest generator."""
-    run = tmp_path_factory.mktemp("seg10")
-    return _seg_trainer(run, shards32, "model.num_classes=10", "model.background_classes=[6,7,8,9]").save_checkpoint()
+    run, shards = tmp_path_factory.mktemp("seg10"), tmp_path_factory.mktemp("shards10")
+    build_synthetic_shards(shards, count=4, samples_per_shard=4, size=32, seed=1, num_classes=10,
+                           background_classes=(6, 7, 8, 9))  # a run refuses shards of classes it lacks
+    return _seg_trainer(run, shards, "model.num_classes=10", "model.background_classes=[6,7,8,9]").save_checkpoint()
 
 
 @pytest.mark.parametrize("case, words", [

@@ -169,7 +169,7 @@ def _time_limit_signal(job_id: str) -> None:
 def test_stopped_job_resumes_exactly(slurm, shards32, tmp_path, uninterrupted, interrupt):
     run_dir = tmp_path / "run"
     job, sub = _launch(run_dir, shards32, f"train.max_steps={STEPS}")
-    _wait_for_log(run_dir / "train.log", r"step 20 ")
+    _wait_for_log(run_dir / "train.log", r"step 20/")
     t_signal = time.time()
     interrupt(job.job_id)
     _wait_for_log(run_dir / "train.log", r"resumed from .* at step \d+")
@@ -188,7 +188,7 @@ def test_requeues_stop_at_max_requeues(slurm, shards32, tmp_path, capsys):
     """--max-requeues 0: the signal still checkpoints, but the job ends instead of requeueing."""
     run_dir = tmp_path / "run"
     job, sub = _launch(run_dir, shards32, "--max-requeues", "0", f"train.max_steps={STEPS}", tasks=1)
-    _wait_for_log(run_dir / "train.log", r"step 20 ")
+    _wait_for_log(run_dir / "train.log", r"step 20/")
     _time_limit_signal(job.job_id)
     assert launcher.wait(job, sub, poll_s=0.5) == 1
     stopped_at = int(re.search(r"stop requested: leaving at step (\d+)", (run_dir / "train.log").read_text()).group(1))

@@ -95,6 +95,8 @@ def test_disabled_is_the_do_nothing_base():
     _step(t)
     t.samples_skipped(3)
     t.checkpoint_saved()
+    t.at_step(1, 10)
+    t.evaluated(1, {"fid": 1.0})
     t.close()
 
 
@@ -104,6 +106,8 @@ def test_exports_every_metric_with_job_rank_node_labels():
         _step(t)
         _step(t, {**LOSSES, "d_hinge": math.nan}, skipped=True)
         t.samples_skipped(2)
+        t.at_step(2, 100)
+        t.evaluated(2, {"fid": 123.8, "ssim": 0.285, "unknown": 1.0})
         s = _scrape(t)
     finally:
         t.close()
@@ -125,7 +129,11 @@ def test_exports_every_metric_with_job_rank_node_labels():
     assert 0 < _value(s, "ssgan_mfu_ratio")
     assert _value(s, "ssgan_data_samples_skipped_total") == 2
     assert _value(s, "ssgan_restarts_total") == 0
-    assert 0 <= _value(s, "ssgan_checkpoint_age_seconds") < 60
+    assert abs(_value(s, "ssgan_last_checkpoint_timestamp_seconds") - time.time()) < 60  # process start
+    assert not [n for n in s if "checkpoint_age" in n]  # a timestamp, not an age (Prometheus computes that)
+    assert (_value(s, "ssgan_step"), _value(s, "ssgan_max_steps")) == (2, 100)
+    assert (_value(s, "ssgan_eval_fid"), _value(s, "ssgan_eval_ssim"), _value(s, "ssgan_eval_step")) == (123.8, 0.285, 2)
+    assert "ssgan_eval_unknown" not in s  # only the task's declared scores: a fixed set of series
     assert abs(_value(s, "ssgan_last_step_timestamp_seconds") - time.time()) < 60
     assert not [n for n in s if n.endswith("_created")]
 
@@ -149,8 +157,11 @@ def test_port_taken_fails_naming_metrics_port():
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        with pytest.raises(SetupError, match=rf"metrics\.port.*127\.0\.0\.1:{port}.*metrics\.port=0"):
+        with pytest.raises(SetupError, match=rf"metrics\.port.*127\.0\.0\.1:{port}.*metrics\.port=0") as err:
             _exporter(f"metrics.port={port}")
+    message = str(err.value)
+    assert "another run" not in message.lower()  # it says what to do, not whom to blame
+    assert f"sport = :{port}" in message and "metrics.port=N" in message and "metrics.enabled=false" in message
 
 
 def test_rank_serves_on_port_plus_local_rank():
@@ -217,13 +228,13 @@ def test_restarts_from_launchers_and_checkpoints(monkeypatch):
         t.close()
 
 
-def test_checkpoint_age_is_computed_at_scrape_time(monkeypatch):
+def test_checkpoint_timestamp_is_the_time_of_the_last_checkpoint(monkeypatch):
     t = _exporter()
     try:
-        now = time.time()
+        later = time.time() + 120.0
+        monkeypatch.setattr(tm.time, "time", lambda: later)
         t.checkpoint_saved()
-        monkeypatch.setattr(tm.time, "time", lambda: now + 120.0)
-        assert 119 < _value(_parse(generate_latest(t.registry).decode()), "ssgan_checkpoint_age_seconds") < 121
+        assert _value(_parse(generate_latest(t.registry).decode()), "ssgan_last_checkpoint_timestamp_seconds") == later
     finally:
         monkeypatch.undo()
         t.close()
@@ -302,10 +313,12 @@ def test_trainer_reports_steps_phases_checkpoints_and_restarts(tmp_path, shards3
     assert _value(s, "ssgan_learning_rate", net="G") == trainer.cfg.optim.lr_g
     assert all(math.isfinite(v) for _, v in s["ssgan_loss"]) and len(s["ssgan_loss"]) == 5
     assert _value(s, "ssgan_restarts_total") == 0
-    assert _value(s, "ssgan_checkpoint_age_seconds") < 30  # the checkpoint at step 3 reset it
+    assert time.time() - _value(s, "ssgan_last_checkpoint_timestamp_seconds") < 30  # the checkpoint at step 3
+    assert (_value(s, "ssgan_step"), _value(s, "ssgan_max_steps")) == (3, 3)
 
     s, _ = run(5)  # resumes from step 3
     assert _value(s, "ssgan_steps_total") == 2
+    assert (_value(s, "ssgan_step"), _value(s, "ssgan_max_steps")) == (5, 5)  # the run's step, not this process's
     assert _value(s, "ssgan_restarts_total") == 1
 
 
@@ -321,3 +334,14 @@ def test_second_run_on_a_taken_port_stops_with_a_clear_message(tmp_path, shards3
                      f"metrics.port={port}"])
     assert code == 2
     assert f"metrics.port: rank 0 cannot serve metrics on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_default_port_range_is_clear_of_exporters_and_torchrun():
+    """Ranks 0..7 of a node on metrics.port..+7: outside the Prometheus exporters' allocated
+    9100-9999 (dcgm-exporter 9400, node-exporter 9100, ...), torchrun's 29400/29500 and the
+    Linux ephemeral range (a client socket could hold such a port)."""
+    base = load_config("demo").metrics.port
+    ports = set(range(base, base + 8))
+    assert not ports & set(range(9100, 10000))
+    assert not ports & {29400, 29500, 6006, 8265, 8888, 3000, 9090}
+    assert not ports & set(range(32768, 61000))

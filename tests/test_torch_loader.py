@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.data.schema import BadSample
+from ssgan_dist.data.skips import Skipped
 from ssgan_dist.data.shards import ShardSpecError, resolve_shards
 from ssgan_dist.data.torch_loader import build_torch_loader
 from badsamples import KINDS, write_bad_shards
@@ -27,11 +29,14 @@ def _take(loader, n):
 
 def test_batch_layout(shards32):
     batch = next(_loader(shards32))
-    assert batch["sketch"].shape == (2, 1, 32, 32) and batch["sketch"].dtype == torch.float32
-    assert batch["label"].shape == (2, 32, 32) and batch["label"].dtype == torch.int64
-    assert batch["image"].shape == (2, 3, 32, 32)
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1
-    assert len(batch["key"]) == 2 and batch["skipped"] == []
+    assert batch["sketch"].shape == (2, 1, 32, 32) and batch["sketch"].dtype == torch.uint8
+    assert batch["label"].shape == (2, 32, 32) and batch["label"].dtype == torch.uint8
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert len(batch["key"]) == 2 and batch["skipped"] == Skipped()
+    x = step_tensors(batch, torch.device("cpu"))
+    assert x["sketch"].dtype == torch.float32 and 0 <= x["sketch"].min() and x["sketch"].max() <= 1
+    assert x["label"].dtype == torch.int64 and x["label"].shape == (2, 32, 32)
+    assert x["image"].dtype == torch.float32 and -1 <= x["image"].min() and x["image"].max() <= 1
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -88,7 +93,7 @@ def test_bad_sample_skip_and_raise(tmp_path, kind):
     shard = write_bad_shards(d, kind)
     batches = _take(_loader(d, batch=3, flip=False), 2)  # one pass: 3 good samples + the bad one
     keys = [k for b in batches for k in b["key"]]
-    skipped = [s for b in batches for s in b["skipped"]]
+    skipped = [s for b in batches for s in b["skipped"].reasons]
     assert "badkey" not in keys and len(keys) == 6
     assert skipped and all("badkey" in s and shard in s for s in skipped)
     for workers in (0, 1):  # a worker's BadSample reaches the main process as a BadSample

@@ -13,6 +13,7 @@ import torch
 
 from conftest import tiny_config
 from ssgan_dist import checkpoint as ckpt
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.distributed.env import setup
 from ssgan_dist.labels import onehot
@@ -35,7 +36,7 @@ def test_learning_lowers_l1_on_a_fixed_tiny_set(tmp_path):
     build_synthetic_shards(shards, count=4, samples_per_shard=4, size=32, seed=5, num_classes=20)
     t = _trainer(tmp_path / "run", shards, "train.batch_size=4", "data.flip=false", "train.max_steps=300",
                  "optim.lr_g=1e-3", "optim.lr_d=1e-3")
-    batch = next(t.data)
+    batch = step_tensors(next(t.data), torch.device("cpu"))
     m0 = onehot(batch["label"], 20)
     z = torch.randn(4, t.cfg.model.z_dim, generator=torch.Generator().manual_seed(0))
 

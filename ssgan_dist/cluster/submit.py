@@ -1,4 +1,4 @@
-"""Train on SLURM through submitit: ``python cluster/submit.py --config NAME|PATH [key=value ...]``.
+"""Train on SLURM through submitit: python cluster/submit.py --config NAME|PATH [key=value ...].
 
 Also ``python -m ssgan_dist.cluster.submit`` or the console script ``ssgan-submit``.
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssgan_dist.config import Config, load_config
+from ssgan_dist.config import Config, load_config, require_training_data
 from ssgan_dist.errors import SetupError
-from ssgan_dist.shell import command_name, run_cli
+from ssgan_dist.shell import command_parser, print_config, run_cli
 
 # SIGTERM this many seconds before the time limit: enough to finish the current step and
 # write G, D and both Adam states of the 256 px model before SLURM's SIGKILL.
@@ -37,21 +37,19 @@ class SubmitError(SetupError):
     """Something about the submission (not the config) that stops it; exit code 2."""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.cluster.submit"), description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=None, help="preset name (ssgan_dist/configs) or YAML path; default: demo")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for ssgan_dist.train")
-    p.add_argument("--nodes", type=_positive, default=1)
+def parser() -> argparse.ArgumentParser:
+    p = command_parser("ssgan_dist.cluster.submit", __doc__, config=True)
+    p.add_argument("--nodes", type=_positive, default=1, help="nodes of the job (sbatch --nodes)")
     p.add_argument("--gpus-per-node", type=_non_negative, default=0, help="0: a CPU job (gloo)")
     p.add_argument("--tasks-per-node", type=_positive, default=None,
                    help="ranks per node; default: one per GPU, 1 for a CPU job")
     p.add_argument("--cpus-per-task", type=_positive, default=None,
                    help="default: data.num_workers + 1 (the loader workers plus the rank itself)")
     p.add_argument("--mem", default=None, help="memory per node as sbatch takes it, e.g. 64G; default: the partition's")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
-    p.add_argument("--constraint", default=None)
+    p.add_argument("--partition", default=None, help="SLURM partition; default: the cluster's default partition")
+    p.add_argument("--account", default=None, help="account to charge; default: your default account")
+    p.add_argument("--qos", default=None, help="quality of service; default: the partition's")
+    p.add_argument("--constraint", default=None, help="node features, as sbatch --constraint takes them (e.g. h100)")
     p.add_argument("--time", type=_positive, default=None, metavar="MINUTES",
                    help="time limit of one run (a requeue starts a new one); default: the partition's")
     p.add_argument("--job-name", default=None, help="default: run.name")
@@ -60,7 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the job requeues itself after a time limit or preemption at most this many times")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends; exit 0 if training finished")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser().parse_intermixed_args(argv)
 
 
 def _positive(text: str) -> int:
@@ -84,6 +86,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.run_dir is not None:
         overrides.append(f"run.dir={args.run_dir}")
     cfg = load_config(args.config, overrides)
+    if not args.print_config:
+        require_training_data(cfg)  # a paper preset without shards: refused before anything is queued
     cfg.run.dir = str(Path(cfg.run.dir).resolve())
     if cfg.metrics.enabled and not cfg.metrics.file_sd and MONITORING_TARGETS.is_dir():
         cfg.metrics.file_sd = f"{MONITORING_TARGETS}/"
@@ -124,7 +128,7 @@ def executor(sub: Submission) -> Any:
     try:
         import submitit
     except ImportError:
-        raise SubmitError("submitit is not installed: pip install 'ssgan-dist[cluster]' (or pip install submitit)") from None
+        raise SubmitError("submitit is not installed: pip install -e '.[cluster]' (or pip install 'submitit>=1.5,<1.6')") from None
     try:
         ex = submitit.SlurmExecutor(folder=sub.folder, max_num_timeout=sub.max_requeues)
     except RuntimeError as exc:  # no srun on PATH
@@ -203,11 +207,13 @@ def describe(job: Any, sub: Submission, cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: _submit(args))
+    return run_cli(lambda: _submit(args, argv))
 
 
-def _submit(args: argparse.Namespace) -> int:
+def _submit(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     cfg = resolve_config(args)
+    if args.print_config:
+        return print_config(cfg, [parser().prog, *(sys.argv[1:] if argv is None else argv)])
     sub = plan(args, cfg)
     if args.dry_run:
         print(sbatch_script(sub), end="")

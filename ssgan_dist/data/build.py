@@ -1,6 +1,6 @@
 """Turn a dataset into webdataset shards, or check shards.
 
-``python -m ssgan_dist.data.build`` (console script ``ssgan-shards``) with one of::
+``python -m ssgan_dist.data.build`` (console script ``ssgan-shards``) with one of:
 
     sketchycoco --root DIR --split trainInTrain|valInTrain|val --out DIR
     folder --sketch DIR --label DIR --image DIR --out DIR
@@ -29,7 +29,7 @@ from ssgan_dist.data import folder, sketchycoco
 from ssgan_dist.data.verify import verify
 from ssgan_dist.data.writer import BadSource, Encoded, Sample, build_synthetic_shards, parallel_encode, write_encoded
 from ssgan_dist.errors import SetupError
-from ssgan_dist.shell import command_name, run_cli, setup_logging
+from ssgan_dist.shell import HelpFormatter, command_parser, run_cli, setup_logging
 
 log = logging.getLogger("ssgan_dist.shards")
 
@@ -118,35 +118,40 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog=command_name("ssgan_dist.data.build"), description=__doc__.splitlines()[0])
-    sub = top.add_subparsers(dest="command", required=True)
+    top = command_parser("ssgan_dist.data.build", __doc__)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                             help="what to build or check (COMMAND --help lists its options)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
 
     def builder(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--out", required=True, help="output directory for <name>-%%06d.tar, .idx and manifest.json")
+        p = command(name, help)
+        p.add_argument("--out", required=True, help="output directory for <name>-NNNNNN.tar, .idx and manifest.json")
         p.add_argument("--size", type=int, default=256, help="square resolution of the stored samples (px)")
-        p.add_argument("--samples-per-shard", type=int, default=1000)
+        p.add_argument("--samples-per-shard", type=int, default=1000,
+                       help="samples per .tar (about 1,000 keeps shards near 100 MB at 256 px)")
         p.add_argument("--seed", type=int, default=0, help="seed of the pre-shuffle (and of synthetic scenes)")
-        p.add_argument("--workers", type=int, default=_cpus(), help="encoding processes (default: all CPUs)")
+        p.add_argument("--workers", type=int, default=_cpus(), help="encoding processes; default: all CPUs")
         p.add_argument("--name", default="shard", help="shard file prefix")
         return p
 
     p = builder("sketchycoco", "SketchyCOCO scene level -> shards")
     p.add_argument("--root", required=True, help="directory holding Scene/ (or Scene itself)")
-    p.add_argument("--split", required=True, choices=sketchycoco.SPLITS)
+    p.add_argument("--split", required=True, choices=sketchycoco.SPLITS, help="the dataset's folder to read")
     p = builder("folder", "sketch / label / image folders matched by file stem -> shards")
     for part in folder.PARTS:
         p.add_argument(f"--{part}", required=True, help=f"directory of {part} files")
-    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--num-classes", type=int, default=20, help="label classes C (indices 0..C-1, 0 = none)")
     p = builder("synthetic", "generated SketchyCOCO-like scenes -> shards")
-    p.add_argument("--count", type=int, required=True)
-    p.add_argument("--num-classes", type=int, default=20)
+    p.add_argument("--count", type=int, required=True, help="scenes to generate")
+    p.add_argument("--num-classes", type=int, default=20, help="label classes C (SketchyCOCO's 20)")
     for name in ("sketchycoco", "folder"):
         sub.choices[name].add_argument("--on-error", choices=("skip", "raise"), default="skip",
                                        help="a bad source sample: skip and report it (default) or stop")
-    p = sub.add_parser("verify", help="decode every sample of a shard directory and check it against its manifest")
-    p.add_argument("dir")
-    p.add_argument("--workers", type=int, default=_cpus())
+    p = command("verify", "decode every sample of a shard directory and check it against its manifest")
+    p.add_argument("dir", help="the shard directory (its manifest.json beside the .tar files)")
+    p.add_argument("--workers", type=int, default=_cpus(), help="checking processes; default: all CPUs")
     p.add_argument("--num-classes", type=int, default=None, help="only for a directory without a manifest")
     p.add_argument("--size", type=int, default=None, help="only for a directory without a manifest")
     return top

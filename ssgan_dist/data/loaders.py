@@ -1,5 +1,6 @@
 """Where a run's batches come from: the shard loader of ``data.loader`` over ``data.shards``
-(or the synthetic cache), for this rank."""
+(or the synthetic cache), for this rank, after the checks of ``preflight`` (rank 0 makes
+them, every rank stops alike on what they find)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch
 
 from ssgan_dist.config import DataConfig
 from ssgan_dist.data.dali_loader import DaliShardLoader, build_dali_loader, dali_available
+from ssgan_dist.data.preflight import preflight
 from ssgan_dist.data.shards import resolve_shards
 from ssgan_dist.data.synthetic_cache import ensure_synthetic_shards
 from ssgan_dist.data.torch_loader import TorchShardLoader, build_torch_loader
+from ssgan_dist.distributed.collectives import from_main
 from ssgan_dist.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,16 @@ def build_training_loader(data: DataConfig, env: DistEnv, *, seed: int, batch_si
     spec = data.shards or str(ensure_synthetic_shards(data, env, image_size=image_size, num_classes=num_classes,
                                                       background_classes=background_classes, seed=seed))
     shards = resolve_shards(spec)
+
+    def check() -> Exception | None:
+        try:
+            preflight(spec, shards, image_size=image_size, num_classes=num_classes, on_error=data.on_error)
+        except Exception as exc:  # noqa: BLE001 -- handed to every rank, which raises it
+            return exc
+        return None
+
+    if (problem := from_main(check)) is not None:
+        raise problem
     kind, why = choose_loader(data.loader, env.device)
     common = dict(seed=seed, rank=env.rank, world_size=env.world_size, num_workers=data.num_workers,
                   batch_size=batch_size, num_classes=num_classes, image_size=image_size, on_error=data.on_error,

@@ -14,8 +14,10 @@ from typing import Any, Iterator
 
 import torch
 
+from ssgan_dist.data.batch import collate, step_tensors
 from ssgan_dist.data.schema import BadSample, decode_sample
 from ssgan_dist.data.shards import iter_tar
+from ssgan_dist.data.tarindex import fresh_index
 
 
 class OrderedSamples:
@@ -56,21 +58,33 @@ class OrderedSamples:
                     raise
                 self.skipped.append(str(bad))
 
+    def expected(self) -> int | None:
+        """This rank's share of the samples by the shards' index files (bad ones included), or
+        None when a shard has no up-to-date index: a progress bar's total, nothing more."""
+        total = 0
+        for path in self.shards:
+            samples = fresh_index(path)
+            if samples is None:
+                return None
+            total += len(samples)
+        if self.max_samples:
+            total = min(total, self.max_samples)
+        return len(range(self.rank, total, self.world_size))
+
     def batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
-        """Batches of up to ``batch_size``: {"index": list[int], "key", "sketch", "label", "image"}."""
+        """Batches of up to ``batch_size``: {"index": list[int], "key", and "sketch", "label",
+        "image" as a step takes them (``data.batch.step_tensors``, on the CPU)}."""
         items: list[tuple[int, dict[str, Any]]] = []
         for item in self:
             items.append(item)
             if len(items) == batch_size:
-                yield _collate(items)
+                yield _batch(items)
                 items = []
         if items:
-            yield _collate(items)
+            yield _batch(items)
 
 
-def _collate(items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-    return {
-        "index": [i for i, _ in items],
-        "key": [s["key"] for _, s in items],
-        **{k: torch.stack([s[k] for _, s in items]) for k in ("sketch", "label", "image")},
-    }
+def _batch(items: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    samples = [s for _, s in items]
+    return {"index": [i for i, _ in items], "key": [s["key"] for s in samples],
+            **step_tensors(collate(samples, [False] * len(samples)), torch.device("cpu"))}

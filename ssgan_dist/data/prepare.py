@@ -57,36 +57,55 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
 
 
-def open_rgb(path: Path) -> np.ndarray:
-    """A photo as RGB uint8 [H,W,3]; BadSource naming the file if it cannot be read."""
+# Sources are resized to the shard resolution, so their own size is free, but bounded: a
+# larger one is refused from its header, before decoding (a 110 KB PNG can hold 92 Mpx).
+MAX_SOURCE_PIXELS = 64 * 2**20  # 8192 x 8192
+
+
+def _open(path: Path) -> Image.Image:
+    """An image file opened (header only) and checked against MAX_SOURCE_PIXELS; BadSource
+    naming the file otherwise."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        img = Image.open(path)
     except Exception as exc:  # PIL raises many types for damaged files
         raise BadSource(f"{path}: unreadable image: {exc}") from exc
+    if img.width * img.height > MAX_SOURCE_PIXELS:
+        img.close()
+        raise BadSource(f"{path}: {img.width}x{img.height} pixels, over the {MAX_SOURCE_PIXELS // 2**20} Mpx a source "
+                        "image may have (refused before decoding)")
+    return img
+
+
+def open_rgb(path: Path) -> np.ndarray:
+    """A photo as RGB uint8 [H,W,3]; BadSource naming the file if it cannot be read."""
+    with _open(path) as img:
+        try:
+            return np.asarray(img.convert("RGB"))
+        except Exception as exc:
+            raise BadSource(f"{path}: unreadable image: {exc}") from exc
 
 
 def open_grey(path: Path) -> np.ndarray:
     """A sketch as 8-bit grey; transparent pixels count as white paper, not black ink."""
-    try:
-        with Image.open(path) as img:
+    with _open(path) as img:
+        try:
             img.load()
             if "A" in img.getbands() or "transparency" in img.info:
                 paper = Image.new("RGBA", img.size, "white")
                 img = Image.alpha_composite(paper, img.convert("RGBA"))
             return np.asarray(img.convert("L"))
-    except Exception as exc:
-        raise BadSource(f"{path}: unreadable image: {exc}") from exc
+        except Exception as exc:
+            raise BadSource(f"{path}: unreadable image: {exc}") from exc
 
 
 def open_label(path: Path) -> np.ndarray:
     """A label PNG of class indices (8-bit grey or palette indices) as uint8 [H,W]."""
-    try:
-        with Image.open(path) as img:
+    with _open(path) as img:
+        try:
             img.load()
             fmt, mode, indices = img.format, img.mode, np.asarray(img)
-    except Exception as exc:
-        raise BadSource(f"{path}: unreadable image: {exc}") from exc
+        except Exception as exc:
+            raise BadSource(f"{path}: unreadable image: {exc}") from exc
     if fmt != "PNG" or mode not in ("L", "P"):
         raise BadSource(f"{path}: label is a {fmt} image of mode {mode}, expected an 8-bit PNG of class indices "
                         "(mode L or P)")

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-import h5py
 import numpy as np
-import scipy.io
 
 from ssgan_dist.data.prepare import open_grey, open_rgb, resize_image, stroke_labels, to_size
 from ssgan_dist.data.writer import BadSource, Sample
@@ -48,6 +47,17 @@ class Item:
     classes: Path | None
 
 
+def mat_readers() -> tuple[ModuleType, ModuleType]:
+    """(h5py, scipy.io): the ``sketchycoco`` extra, imported only when .mat files are read."""
+    try:
+        import h5py
+        import scipy.io
+    except ImportError as exc:
+        raise SetupError(f"SketchyCOCO's .mat annotations need scipy and h5py ({exc}): "
+                         "pip install -e '.[sketchycoco]'") from None
+    return h5py, scipy.io
+
+
 def _scene_dir(root: Path) -> Path:
     for scene in (root / "Scene", root):
         if (scene / "GT").is_dir():
@@ -59,6 +69,7 @@ def scan(root: str | Path, split: str) -> list[Item]:
     """Every id found in any of the split's three folders, sorted by id."""
     if split not in SPLITS:
         raise SetupError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    mat_readers()  # a missing extra stops the build here, not as one bad sample per scene
     scene = _scene_dir(Path(root))
     folders = {
         "photo": (scene / "GT" / split, ".png"),
@@ -85,12 +96,13 @@ def missing_parts(item: Item) -> BadSource | None:
 
 def load_class_gt(path: Path) -> np.ndarray:
     """CLASS_GT of a v5 or v7.3 .mat file as uint8 [h,w]; BadSource naming the file."""
+    h5py, scipy_io = mat_readers()
     try:
         if h5py.is_hdf5(path):
             with h5py.File(path, "r") as f:
                 data = np.asarray(f[VARIABLE]).T if VARIABLE in f else None
         else:
-            data = scipy.io.loadmat(path, variable_names=[VARIABLE]).get(VARIABLE)
+            data = scipy_io.loadmat(path, variable_names=[VARIABLE]).get(VARIABLE)
     except Exception as exc:  # scipy and h5py raise many types for damaged files
         raise BadSource(f"{path}: unreadable .mat file: {exc}") from exc
     if data is None:

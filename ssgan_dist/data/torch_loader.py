@@ -20,22 +20,40 @@ checkpoint cannot hold, and its node/worker splitting gives ranks unequal sample
 * torch's DataLoader hands out worker batches round-robin from worker 0. On resume the
   workers are rotated so that the stream whose turn it was comes first.
 
-Bad samples are skipped and reported (``data.on_error=skip``) or raise with shard and key.
+Samples stay uint8 from decoding through flips and collate (``data.batch``): the step
+converts each batch once, on its device.
+
+Bad samples are skipped, logged as they happen and counted (``data.on_error=skip``,
+``data.skips``) or raise with shard and key. A stream that has read every unit of the
+endless sequence since its last usable sample (a full pass over every shard, part by part)
+stops with ``NoUsableSample`` quoting the reasons by kind, instead of reading on forever.
+Errors of a worker reach the trainer as they were raised (type and message), not as
+torch's re-raise with the worker's traceback in the message.
+
+Workers die with the process that started them (Linux: PR_SET_PDEATHSIG): a SIGKILLed
+trainer leaves no orphan holding memory, files or (see telemetry) the metrics port.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ssgan_dist.data.batch import collate
 from ssgan_dist.data.schema import BadSample, decode_sample
 from ssgan_dist.data.shards import iter_tar
+from ssgan_dist.data.skips import NoUsableSample, SkipLog, Skipped, Tally, hints
 from ssgan_dist.errors import SetupError
 from ssgan_dist.rng import seeded_numpy
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -74,14 +92,21 @@ class StreamSpec:
     position: DataPosition = field(default_factory=lambda: DataPosition.start(1))
 
 
-def _read_shard(path: str, on_error: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _read_shard(path: str, on_error: str) -> tuple[list[dict[str, Any]], BadSample | None]:
     """All samples of one tar, grouped by key; a broken tar is one bad sample (none of it is read)."""
     try:
-        return list(iter_tar(path)), []
+        return list(iter_tar(path)), None
     except BadSample as bad:
         if on_error == "raise":
             raise
-        return [], [str(bad)]
+        return [], bad
+
+
+@dataclass
+class Failure:
+    """An error of a stream, handed to the trainer's process as an item (see the module doc)."""
+
+    error: SetupError
 
 
 class ShardStreams(IterableDataset):
@@ -90,12 +115,15 @@ class ShardStreams(IterableDataset):
     def __init__(self, spec: StreamSpec):
         self.spec = spec
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any] | Failure]:
         info = get_worker_info()
         workers = max(self.spec.num_workers, 1)
         physical = info.id if info is not None else 0
         logical = (physical + self.spec.position.rotation) % workers
-        yield from self._stream(logical)
+        try:
+            yield from self._stream(logical)
+        except SetupError as exc:
+            yield Failure(exc)
 
     def _unit_at(self, global_slot: int, parts: int) -> tuple[int, int, int]:
         """(epoch, shard index, part) read at a position of the endless unit sequence."""
@@ -111,44 +139,70 @@ class ShardStreams(IterableDataset):
         n_streams = s.world_size * workers
         parts = -(-n_streams // len(s.shards))
         j, offset = s.position.streams[logical]
-        batch: list[dict[str, torch.Tensor]] = []
-        skipped: list[str] = []
+        items: list[dict[str, Any]] = []
+        flips: list[bool] = []
+        skipped, skip_log = Skipped(), SkipLog(f"data (rank {s.rank}, stream {logical})")
+        barren: set[tuple[int, int]] = set()  # units read whole since the last usable sample
+        tally = Tally()  # and what was wrong in them
+
+        def skip(bad: BadSample) -> None:
+            skipped.add(str(bad))
+            skip_log.skip(bad)
+            tally.add(bad)
+
         while True:
             slot = stream_id + j * n_streams
             epoch, shard, part = self._unit_at(slot, parts)
             path = s.shards[shard]
             shard_name = os.path.basename(path)
             samples, broken = _read_shard(path, s.on_error)
-            skipped += broken if part == 0 else []
+            if broken is not None and part == 0:
+                skip(broken)
+            elif broken is not None:
+                tally.add(broken)  # a broken tar is skipped (counted) once, not once per part
+            elif not samples:
+                tally.add(BadSample(shard_name, "<tar>", "the tar holds no sample", "empty"))
             order = seeded_numpy(s.seed, 0x0DE7, epoch, shard).permutation(len(samples))[part::parts]
+            usable = False
             for i in range(offset, len(order)):
-                raw = samples[order[i]]
                 try:
-                    item = decode_sample(raw, shard=shard_name, num_classes=s.num_classes, image_size=s.image_size)
+                    item = decode_sample(samples[order[i]], shard=shard_name, num_classes=s.num_classes,
+                                         image_size=s.image_size)
                 except BadSample as bad:
                     if s.on_error == "raise":
                         raise
-                    skipped.append(str(bad))
+                    skip(bad)
                     continue
-                if s.flip and seeded_numpy(s.seed, 0xF11B, slot, i).random() < 0.5:
-                    item = {k: (v.flip(-1) if isinstance(v, torch.Tensor) else v) for k, v in item.items()}
-                batch.append(item)
-                if len(batch) == s.batch_size:
+                if not usable:
+                    usable = True
+                    barren.clear()
+                    if tally.kinds:
+                        tally = Tally()
+                items.append(item)
+                flips.append(s.flip and seeded_numpy(s.seed, 0xF11B, slot, i).random() < 0.5)
+                if len(items) == s.batch_size:
                     next_pos = (j, i + 1) if i + 1 < len(order) else (j + 1, 0)
-                    yield _collate(batch, skipped, logical, next_pos)
-                    batch, skipped = [], []
+                    yield {**collate(items, flips), "skipped": skipped, "position": (logical, *next_pos)}
+                    items, flips, skipped = [], [], Skipped()
+            if not usable and offset == 0:
+                barren.add((shard, part))
+                if len(barren) == len(s.shards) * parts:
+                    skip_log.flush()
+                    where = f"the {len(s.shards)} shards ({s.shards[0]}{', ...' if len(s.shards) > 1 else ''})"
+                    raise NoUsableSample.after(where, tally, hints(s.image_size, s.num_classes))
             j, offset = j + 1, 0
 
 
-def _collate(items: list[dict[str, Any]], skipped: list[str], logical: int, pos: tuple[int, int]) -> dict[str, Any]:
-    return {
-        "key": [it["key"] for it in items],
-        "sketch": torch.stack([it["sketch"] for it in items]),
-        "label": torch.stack([it["label"] for it in items]),
-        "image": torch.stack([it["image"] for it in items]),
-        "skipped": list(skipped),
-        "position": (logical, pos[0], pos[1]),
-    }
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """worker_init_fn: have the kernel SIGKILL this worker when its parent dies (Linux; the
+    parent thread, in fact: the one that iterates the loader)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
 
 
 class TorchShardLoader:
@@ -185,6 +239,7 @@ class TorchShardLoader:
             num_workers=self.spec.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
         )
         return iter(loader)
 
@@ -195,6 +250,9 @@ class TorchShardLoader:
         if self._iter is None:
             self._iter = self._start()
         batch = next(self._iter)
+        if isinstance(batch, Failure):
+            self._iter = None  # its workers stop with it
+            raise batch.error
         logical, j, offset = batch.pop("position")
         self.position.streams[logical] = [int(j), int(offset)]
         self.position.rotation = (logical + 1) % max(self.spec.num_workers, 1)

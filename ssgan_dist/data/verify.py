@@ -1,27 +1,27 @@
 """Check a shard directory end to end before a long run finds its problems for it.
 
 Every sample of every shard goes through ``decode_sample`` (the loaders' own check), so
-whatever a loader would skip or stop on is listed here with shard and key. Against the
-manifest: each shard's sha256 and sample count, the totals and the class histogram; tars
-the manifest does not list; and each DALI index, which must describe its tar as it is.
+whatever a loader would skip or stop on is listed here with shard and key (keys that are
+not plain relative names included). Against the manifest: each shard's sha256 and sample
+count, the totals and the class histogram; tars the manifest does not list; and each DALI
+index, which must describe its tar as it is, member by member (the loaders read by it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ssgan_dist.data.schema import BadSample, decode_sample
 from ssgan_dist.data.shards import iter_tar
-from ssgan_dist.data.tarindex import fresh_index, index_path
+from ssgan_dist.data.tarindex import fresh_index, index_path, scan_tar
 from ssgan_dist.data.writer import ManifestError, ordered_map, read_manifest
+from ssgan_dist.shell import Progress
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ShardCheck:
     bad: list[str] = field(default_factory=list)  # bad samples, "bad sample 'k' in shard s: reason"
     pixels: np.ndarray | None = None
     present: np.ndarray | None = None
-    index_keys: list[str] | None = None  # keys of a fresh DALI index, None if missing or stale
+    index_ok: bool = False  # a DALI index that lists the tar's members as its headers do
 
 
 def check_shard(path: Path, num_classes: int, image_size: int) -> ShardCheck:
@@ -42,7 +42,7 @@ def check_shard(path: Path, num_classes: int, image_size: int) -> ShardCheck:
     check = ShardCheck(path.name, hashlib.sha256(data).hexdigest(),
                        pixels=np.zeros(num_classes, np.int64), present=np.zeros(num_classes, np.int64))
     try:
-        raws = list(iter_tar(str(path), io.BytesIO(data)))
+        raws = list(iter_tar(str(path), data, use_index=False))
     except BadSample as bad:
         check.bad.append(str(bad))
         return check
@@ -53,11 +53,11 @@ def check_shard(path: Path, num_classes: int, image_size: int) -> ShardCheck:
         except BadSample as bad:
             check.bad.append(str(bad))
             continue
-        counts = np.bincount(label.numpy().ravel(), minlength=num_classes)
+        counts = np.bincount(label.ravel(), minlength=num_classes)
         check.pixels += counts
         check.present += counts > 0
-    index = fresh_index(path)
-    check.index_keys = None if index is None else [key for key, _ in index]
+    index = fresh_index(path, data)
+    check.index_ok = index is not None and index == scan_tar(path)
     return check
 
 
@@ -106,11 +106,10 @@ def verify(shard_dir: str | Path, *, workers: int = 1, num_classes: int | None =
     job = partial(check_shard, num_classes=num_classes, image_size=image_size)
     paths = [root / name for name in tars]
     checks: list[ShardCheck] = []
-    with ordered_map(job, paths, workers) as results, tqdm(total=len(paths), desc="verify", unit="shard",
-                                                            disable=None) as bar:
+    with ordered_map(job, paths, workers) as results, Progress("verify", len(paths), unit="shard") as progress:
         for check in results:
             checks.append(check)
-            bar.update()
+            progress.update()
     for check in checks:
         report.samples += len(check.keys)
         report.bad += check.bad
@@ -121,7 +120,7 @@ def verify(shard_dir: str | Path, *, workers: int = 1, num_classes: int | None =
             report.problems.append(f"{check.file}: sha256 differs from the manifest (changed after the build)")
         if len(check.keys) != entry["samples"]:
             report.problems.append(f"{check.file}: {len(check.keys)} samples, the manifest records {entry['samples']}")
-        if "index" in entry and check.index_keys != check.keys:
+        if "index" in entry and not check.index_ok:
             state = "missing" if not index_path(root / check.file).exists() else "out of date"
             report.problems.append(f"{check.file}: DALI index {entry['index']} is {state} "
                                    f"(rebuild it with: wds2idx {check.file} {entry['index']})")

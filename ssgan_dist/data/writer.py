@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 from webdataset import TarWriter
 
 from ssgan_dist.data.schema import MEMBERS, encode_sample
@@ -33,6 +32,7 @@ from ssgan_dist.data.tarindex import index_path, write_index
 from ssgan_dist.errors import SetupError
 from ssgan_dist.files import atomic_write, sha256_file, write_json
 from ssgan_dist.labels import BACKGROUND_CLASSES, class_name
+from ssgan_dist.shell import Progress
 
 MANIFEST = "manifest.json"
 FORMAT = "ssgan-dist-shards"
@@ -98,9 +98,9 @@ def parallel_encode(load: Callable[[Item], Sample], items: Sequence[Item], *, wo
     with a progress bar on a terminal; bad items come back as BadSource."""
     job = partial(_load_and_encode, load, num_classes, resolution)
     with ordered_map(job, items, workers) as results, \
-            tqdm(total=len(items), desc=desc, unit="sample", disable=None, dynamic_ncols=True) as bar:
+            Progress(desc, len(items), unit="sample") as progress:
         for result in results:
-            bar.update()
+            progress.update()
             yield result
 
 

@@ -56,7 +56,7 @@ class DeepSpeedEngine:
             import deepspeed
         except ImportError as exc:
             raise ConfigError(
-                f"engine.name=deepspeed: DeepSpeed is not installed ({exc}); pip install 'ssgan-dist[deepspeed]'"
+                f"engine.name=deepspeed: DeepSpeed is not installed ({exc}); pip install -e '.[deepspeed]'"
             ) from None
         if engine.zero_stage not in (0, 1, 2):
             raise ConfigError(f"engine.zero_stage: {engine.zero_stage}; the GAN engines support 0, 1 or 2")

@@ -37,7 +37,7 @@ from ssgan_dist.evaluation.inference import load_generator, noise, run_generator
 from ssgan_dist.evaluation.ssim import ssim
 from ssgan_dist.files import sha256_file
 from ssgan_dist.images import to_uint8
-from ssgan_dist.shell import command_name, run_cli, setup_logging, write_record
+from ssgan_dist.shell import command_parser, run_cli, setup_logging, track, write_record
 
 log = logging.getLogger("ssgan_dist.evaluation.evaluate")
 
@@ -85,7 +85,8 @@ def _local_pass(G: nn.Module, m: ModelConfig, env: DistEnv, spec: EvalSpec, read
     """This rank's share: sample indices, generated (and real) features, per-image SSIM."""
     out: dict[str, Any] = {"index": [], "fake": [], "real": [], "ssim": []}
     try:
-        for batch in reader.batches(spec.batch_size):
+        for batch in track(reader.batches(spec.batch_size), "evaluate", reader.expected(), unit="sample",
+                           size=lambda b: len(b["index"]), enabled=env.is_main, leave=False):
             fake, _ = run_generator(G, m, batch["label"], noise(m, spec.seed, batch["index"]))
             real = batch["image"].to(env.device)
             out["ssim"] += ssim(to_uint8(fake) / 255.0, to_uint8(real) / 255.0).tolist()
@@ -178,8 +179,7 @@ def format_table(record: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.evaluation.evaluate"),
-                                description=__doc__.splitlines()[0])
+    p = command_parser("ssgan_dist.evaluation.evaluate", __doc__)
     p.add_argument("--checkpoint", required=True, help="ckpt-*.pt, or a run directory (its newest checkpoint)")
     p.add_argument("--shards", default="", help="held-out shards (dir, brace pattern, comma list); "
                                                 "default: the checkpoint's eval.shards")

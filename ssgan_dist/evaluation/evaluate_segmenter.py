@@ -30,7 +30,7 @@ from ssgan_dist.errors import SetupError
 from ssgan_dist.evaluation.evaluate import run_command
 from ssgan_dist.evaluation.inference import LoadedSegmenter, load_segmenter, run_segmenter
 from ssgan_dist.labels import class_name, stroke_mask
-from ssgan_dist.shell import command_name, write_record
+from ssgan_dist.shell import command_parser, track, write_record
 
 
 def confusion(pred: torch.Tensor, label: torch.Tensor, sketch: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -72,7 +72,8 @@ def evaluate_segmenter(loaded: LoadedSegmenter, shards: list[str], env: DistEnv,
                             rank=env.rank, world_size=env.world_size, max_samples=max_samples)
     conf, samples = torch.zeros(m.num_classes, m.num_classes, dtype=torch.int64), 0
     try:
-        for batch in reader.batches(batch_size):
+        for batch in track(reader.batches(batch_size), "evaluate_segmenter", reader.expected(), unit="sample",
+                           size=lambda b: len(b["index"]), enabled=env.is_main, leave=False):
             pred = run_segmenter(loaded.S, batch["sketch"])
             conf += confusion(pred.cpu(), batch["label"], batch["sketch"], m.num_classes)
             samples += len(batch["index"])
@@ -99,8 +100,7 @@ def format_table(record: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.evaluation.evaluate_segmenter"),
-                                description=__doc__.splitlines()[0])
+    p = command_parser("ssgan_dist.evaluation.evaluate_segmenter", __doc__)
     p.add_argument("--checkpoint", required=True, help="a segmenter's ckpt-*.pt, or its run directory (newest)")
     p.add_argument("--shards", required=True, help="held-out shards (dir, brace pattern, comma list)")
     p.add_argument("--out", default="", help="write the results as JSON here")

@@ -34,7 +34,7 @@ from ssgan_dist.evaluation.inference import (LoadedGenerator, load_generator, lo
 from ssgan_dist.grid import make_grid, mask_argmax
 from ssgan_dist.images import rgb_arrays, save_png, sketch_tensor
 from ssgan_dist.labels import STROKE_THRESHOLD, colorize, stroke_mask
-from ssgan_dist.shell import command_name, run_cli, setup_logging
+from ssgan_dist.shell import command_parser, run_cli, setup_logging, track
 
 # Where a lone --sketch can get its label map from, as named in the error when none is given.
 LABEL_SOURCES = ("--label PNG (class index per pixel, 0 = none)",
@@ -142,7 +142,8 @@ def set_inputs(args: argparse.Namespace, loaded: LoadedGenerator) -> Iterator[di
     reader = OrderedSamples(resolve_shards(args.shards, "--shards"), num_classes=m.num_classes,
                             image_size=m.image_size, max_samples=args.max_samples)
     try:
-        yield from reader.batches(args.batch_size)
+        yield from track(reader.batches(args.batch_size), "generate", reader.expected(), unit="sample",
+                         size=lambda b: len(b["index"]))
     except BadSample as bad:
         raise InputError(f"--shards: {bad} (--checkpoint {loaded.path} takes {m.image_size}x{m.image_size} "
                          f"samples with class indices below {m.num_classes})") from None
@@ -232,8 +233,7 @@ def generate(args: argparse.Namespace, loaded: LoadedGenerator) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=command_name("ssgan_dist.evaluation.generate"),
-                                description=__doc__.splitlines()[0])
+    p = command_parser("ssgan_dist.evaluation.generate", __doc__)
     p.add_argument("--checkpoint", required=True, help="ckpt-*.pt, or a run directory (its newest checkpoint)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--sketch", help="one scene sketch (PNG); its label map from --label or --segmenter")
@@ -244,7 +244,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output PNG for one input, output directory for --shards")
     p.add_argument("--seed", type=int, default=0, help="noise seed; z depends on (seed, input index, style)")
     p.add_argument("--num-styles", type=int, default=1, help="images per input, each with its own z")
-    p.add_argument("--grid", default="", help="also write a PNG of inputs x styles side by side")
+    p.add_argument("--grid", default="", help="also write a PNG of inputs x styles side by side, with column "
+                                              "names (sketch | label | style 1..K | real | learned mask)")
     p.add_argument("--grid-rows", type=int, default=8, help="inputs shown in --grid")
     p.add_argument("--max-samples", type=int, default=0, help="--shards: only the first N samples; 0: all")
     p.add_argument("--batch-size", type=int, default=8, help="--shards: inputs per forward pass")

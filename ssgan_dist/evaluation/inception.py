@@ -3,19 +3,22 @@
 torch-fidelity's ``FeatureExtractorInceptionV3`` is the TensorFlow 2015-12-05 Inception graph
 that FID is defined with, ported to PyTorch (TF1-style bilinear resize to 299, the same
 pooling quirks), so our FIDs are comparable with published ones. Its weights are the
-pytorch-fid / torch-fidelity file ``pt_inception-2015-12-05-6726825d.pth`` (torch-fidelity
-names it ``weights-inception-2015-12-05-6726825d.pth``; same keys); they are never downloaded.
+pytorch-fid file ``pt_inception-2015-12-05-6726825d.pth`` (WEIGHTS_URL; torch-fidelity's
+``weights-inception-2015-12-05-6726825d.pth`` is the same file), never downloaded. A given
+file is hashed: another sha256 than the official one is a warning, another layout an error.
 
-torch-fidelity's package ``__init__`` imports torchvision for datasets and other extractors
-we do not use, and torchvision cannot be installed beside the CPU torch build, so it is
-installed with ``--no-deps`` and its Inception module is imported without running that
-``__init__`` (the module itself needs only torch).
+torch-fidelity is the ``eval`` extra. Its package ``__init__`` imports torchvision (for
+datasets and extractors we do not use): where torchvision works (CUDA torch) it is imported
+normally; beside the CPU torch build torchvision installs but cannot be imported (its
+compiled ops need CUDA torch), so there its Inception module is imported without running
+that ``__init__`` (the module itself needs only torch).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,15 @@ import torch
 from torch import nn
 
 from ssgan_dist.errors import SetupError
+from ssgan_dist.files import check_sha256
 from ssgan_dist.images import to_uint8
 
+log = logging.getLogger(__name__)
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
+# The file's sha256 (its name carries the first 8 hex digits) and size.
+SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+SIZE = 95_628_359
 NUM_FEATURES = 2048  # pool3
 
 
@@ -35,15 +44,21 @@ class InceptionWeightsError(SetupError):
 
 
 def _fidelity_inception_class() -> type[nn.Module]:
-    """torch-fidelity's FeatureExtractorInceptionV3, imported without the package __init__."""
+    """torch-fidelity's FeatureExtractorInceptionV3: imported normally where torchvision works,
+    else without the package __init__ (see the module docstring)."""
     if "torch_fidelity" not in sys.modules:
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
             raise InceptionWeightsError(
-                "FID needs torch-fidelity's InceptionV3: pip install --no-deps torch-fidelity==0.4.0 "
-                "(its torchvision dependency is not needed)"
-            )
-        sys.modules["torch_fidelity"] = importlib.util.module_from_spec(spec)  # __path__ set, body not run
+                "FID needs torch-fidelity's InceptionV3: pip install -e '.[eval]' (on a CPU-only torch add "
+                "the installed torch, e.g. \"torch==$(python -c 'import torch; print(torch.__version__)')\", "
+                "so that pip keeps it; scripts/setup.sh does)")
+        try:
+            importlib.import_module("torch_fidelity")
+        except Exception:  # torchvision missing or unusable (RuntimeError from its ops on CPU torch)
+            for name in [m for m in sys.modules if m == "torch_fidelity" or m.startswith("torch_fidelity.")]:
+                del sys.modules[name]
+            sys.modules["torch_fidelity"] = importlib.util.module_from_spec(spec)  # __path__ set, body not run
     return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
 
 
@@ -79,14 +94,12 @@ class InceptionFeatures(nn.Module):
 
 def load_inception(path: str | Path, option: str = "--inception-weights") -> InceptionFeatures:
     """InceptionFeatures with the weights of ``path``, checked key by key before use."""
+    where = f"{WEIGHTS_FILE} from {WEIGHTS_URL} ({SIZE:,} bytes, sha256 {SHA256}; it is never downloaded)"
     if not str(path):
-        raise InceptionWeightsError(f"{option} is not set: FID needs the Inception weights file {WEIGHTS_FILE}")
+        raise InceptionWeightsError(f"{option} is not set: FID needs the Inception weights file {where}")
     path = Path(path)
     if not path.is_file():
-        raise InceptionWeightsError(
-            f"{option}: Inception weights file {path} does not exist (FID needs {WEIGHTS_FILE}; "
-            "it is never downloaded)"
-        )
+        raise InceptionWeightsError(f"{option}: Inception weights file {path} does not exist: FID needs {where}")
     try:  # weights_only first: a file that is more than tensors is refused before torch-fidelity unpickles it
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -107,5 +120,6 @@ def load_inception(path: str | Path, option: str = "--inception-weights") -> Inc
         net = Checked("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
     except InceptionWeightsError as exc:
         raise InceptionWeightsError(f"{option}: {path}: {exc}") from None
+    check_sha256(path, SHA256, official=WEIGHTS_FILE, source=WEIGHTS_URL, log=log)
     return InceptionFeatures(net)
 

@@ -2,26 +2,39 @@
 
 Pretrained weights cannot be downloaded on our machines, and torchvision is not a
 dependency: the layers are built here in torchvision's ``vgg19().features`` layout (so its
-``features.N.weight`` keys load directly) and the weights come from a file.
+``features.N.weight`` keys load directly) and the weights come from a file: torchvision's
+IMAGENET1K_V1 file (HUB_FILE, from HUB_URL), which NVlabs SPADE's perceptual loss uses too.
+A given file is hashed: another sha256 than the official file's is a warning (a fine-tuned
+or converted copy may be meant), a file of another layout is refused.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ssgan_dist.errors import SetupError
+from ssgan_dist.files import check_sha256
+
+log = logging.getLogger(__name__)
 
 # torchvision's vgg19 `features` up to relu5_1: channel widths, "M" = 2x2 max-pool.
 _LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512]
 # features indices of relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
 OUTPUT_INDICES = (1, 6, 11, 20, 29)
 HUB_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's IMAGENET1K_V1 weights, as the hub caches them
+HUB_URL = f"https://download.pytorch.org/models/{HUB_FILE}"
+# The file's sha256 (torch hub names files by its first 8 hex digits) and size.
+SHA256 = "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44"
+SIZE = 574_673_361
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class VGGWeightsError(RuntimeError):
+class VGGWeightsError(SetupError):
     """VGG19 weights missing or not in torchvision's layout; the message says what to do."""
 
 
@@ -80,10 +93,14 @@ def load_vgg19(path: str = "") -> VGG19Features:
             where += f"\n  {Path(torch.hub.get_dir()) / 'checkpoints' / 'vgg19-*.pth'}"
         raise VGGWeightsError(
             f"VGG19 weights for the perceptual loss not found; looked for:\n{where}\n"
-            "Set loss.vgg_weights=PATH to a torchvision vgg19 state dict "
-            f"({HUB_FILE}), or loss.vgg=false to skip the perceptual loss."
+            f"Set loss.vgg_weights=PATH to torchvision's {HUB_FILE} ({HUB_URL}, {SIZE:,} bytes, sha256 "
+            f"{SHA256}; it is never downloaded), or loss.vgg=false to skip the perceptual loss."
         )
-    state = torch.load(found, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(found, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or more than tensors
+        raise VGGWeightsError(f"{found}: not a PyTorch state dict ({type(exc).__name__}: {exc}); expected "
+                              f"torchvision's {HUB_FILE} ({HUB_URL})") from None
     if not isinstance(state, dict):
         raise VGGWeightsError(f"{found}: expected a state dict, got {type(state).__name__}")
     model = VGG19Features()
@@ -97,4 +114,5 @@ def load_vgg19(path: str = "") -> VGG19Features:
                 f"expected {tuple(expected.shape)}"
             )
     model.load_state_dict({key: state[key] for key in own})
+    check_sha256(found, SHA256, official=HUB_FILE, source=HUB_URL, log=log)
     return model

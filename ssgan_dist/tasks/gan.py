@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ssgan_dist.config import Config, LossConfig
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.distributed.engine import Engine, build_engine
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.distributed.optim import NetSpec, linear_decay
@@ -52,7 +53,7 @@ from ssgan_dist.telemetry import MetricSeries
 log = logging.getLogger(__name__)
 
 SERIES = MetricSeries(step_phases=("g_step", "d_step"), terms=("g_gan", "g_fm", "g_vgg", "g_total", "d_hinge"),
-                      nets=("G", "D"))
+                      nets=("G", "D"), scores=("fid", "ssim"))
 
 
 def build_vgg_loss(loss: LossConfig, device: torch.device) -> VGGLoss | None:
@@ -141,8 +142,8 @@ class GANTask:
             factor = linear_decay(step, cfg.train.max_steps, o.decay_steps)
             engine.set_learning_rates({"G": o.lr_g * factor, "D": o.lr_d * factor})
         fmt = memory_format(cfg.train.channels_last)
-        images = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
-        labels = batch["label"].to(dev, non_blocking=True)
+        x = step_tensors(batch, dev, ("label", "image"))  # the loader's uint8 batch as floats, on the device
+        images, labels = x["image"].contiguous(memory_format=fmt), x["label"]
         z = self.step_noise(step, images.shape[0])
         k = cfg.train.accum_steps
         micro = list(zip(images.chunk(k), labels.chunk(k), z.chunk(k) if z is not None else [None] * k))
@@ -229,14 +230,14 @@ class GANTask:
     def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
         """Rows of sketch | label | generated | real | argmax of the SFM's last learned mask; with
         train.ema the EMA generator's images of the step's inputs (eval mode), else the step's own."""
-        visuals = out.visuals
+        visuals, x = out.visuals, step_tensors(batch, torch.device("cpu"))
         fake, mask = visuals["fake"], visuals.get("mask")
         if self.ema is not None:
             with torch.no_grad():
                 m0 = onehot(visuals["label"], self.cfg.model.num_classes)
                 fake, masks = self.ema.module(m0, visuals.get("z"), return_masks=True)
             mask = masks[-1] if masks else None
-        return make_grid(batch["sketch"], batch["label"], [fake], batch["image"], mask)
+        return make_grid(x["sketch"], x["label"], [fake], x["image"], mask)
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """FID and SSIM every eval.every steps (evaluation.evaluate), logged."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from ssgan_dist.compile import compile_mode
 from ssgan_dist.config import Config
+from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.distributed.engine import Engine, build_engine
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.distributed.optim import NetSpec
@@ -70,8 +71,8 @@ class SegmenterTask:
         per-sample GroupNorms that is exactly one larger batch."""
         cfg, dev, k = self.cfg, self.env.device, self.cfg.train.accum_steps
         fmt = memory_format(cfg.train.channels_last)
-        sketches = batch["sketch"].to(dev, non_blocking=True).contiguous(memory_format=fmt)
-        labels = batch["label"].to(dev, non_blocking=True)
+        x = step_tensors(batch, dev, ("sketch", "label"))  # the loader's uint8 batch as floats, on the device
+        sketches, labels = x["sketch"].contiguous(memory_format=fmt), x["label"]
         counts = [(stroke_targets(lb, sk) != IGNORE).sum().float() for sk, lb in zip(sketches.chunk(k), labels.chunk(k))]
         total = torch.stack(counts).sum().clamp(min=1)
         loss_sum, bad = torch.zeros((), device=dev), torch.zeros((), device=dev)
@@ -94,7 +95,8 @@ class SegmenterTask:
     def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
         """Rows of sketch | true M0 | predicted M0 (make_grid's mask column: the argmax of a one-hot)."""
         pred = onehot(out.visuals["pred"].cpu(), self.cfg.model.num_classes)
-        return make_grid(batch["sketch"], batch["label"], [], mask=pred)
+        x = step_tensors(batch, pred.device, ("sketch", "label"))
+        return make_grid(x["sketch"], x["label"], [], mask=pred, label_name="true M0", mask_name="predicted M0")
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Nothing during training: evaluation.evaluate_segmenter scores its checkpoints."""
