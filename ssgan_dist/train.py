@@ -176,7 +176,10 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------
     def fit(self, stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
         """Train to train.max_steps, or until ``stop_requested`` (asked after every step, on
-        every rank alike, so it may hold a collective) says to stop: then checkpoint and return."""
+        every rank alike, so it may hold a collective) says to stop: then checkpoint and return.
+        Such a collective should not block the step (issue 15): all-reduce the flag with
+        async_op=True on a CPU (gloo) group and act on the previous step's result, which every
+        rank reads at the same step, so all ranks still stop together, one step later."""
         cfg = self.cfg
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
