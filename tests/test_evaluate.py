@@ -18,11 +18,17 @@ from skimage.filters import gaussian
 from skimage.metrics import structural_similarity
 
 from conftest import tiny_config
+from ssgan_dist import checkpoint as ckpt
 from ssgan_dist.config import ConfigError
 from ssgan_dist.data.writer import build_synthetic_shards
 from ssgan_dist.distributed.env import setup
-from ssgan_dist.evaluation.evaluate import main
+from ssgan_dist.data.ordered import OrderedSamples
+from ssgan_dist.data.shards import resolve_shards
+from ssgan_dist.evaluation.evaluate import FID_SKIPPED, PAPER_ROWS_NOTE, few_samples_warning, main
 from ssgan_dist.evaluation.fid import feature_stats, frechet_distance, stats_key
+from ssgan_dist.evaluation.inference import load_generator, load_segmenter, noise, run_generator, run_segmenter
+from ssgan_dist.evaluation.kid import kernel_inception_distance
+from ssgan_dist.images import to_uint8
 from ssgan_dist.evaluation.inception import InceptionWeightsError, _fidelity_inception_class, load_inception
 from ssgan_dist.evaluation.ssim import ssim
 from ssgan_dist.train import Trainer
@@ -67,6 +73,54 @@ def test_stats_key_follows_files_weights_and_settings(tmp_path):
     assert key != stats_key([str(shard)], "w1", {"max_samples": 5})
     os.utime(shard, ns=(1, 1))
     assert key != stats_key([str(shard)], "w1", {"max_samples": 0})
+
+
+# ---------------------------------------------------------------------------------------
+# KID
+
+
+def _reference_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """The KID paper's unbiased estimator written out pair by pair, k(a, b) = (a.b / d + 1)^3."""
+    m, d = len(x), x.shape[1]
+    k = lambda a, b: (float(a @ b) / d + 1.0) ** 3  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+def test_kid_matches_a_direct_computation():
+    rng = np.random.default_rng(3)
+    fake = rng.normal(0.3, 1.0, size=(30, 6)).astype(np.float32)
+    real = rng.normal(0.0, 1.2, size=(25, 6)).astype(np.float32)
+    kid = kernel_inception_distance(fake, real, subsets=5, subset_size=10, seed=7)
+    # torch-fidelity's subset draws: one RandomState, per subset the fake indices, then the real ones
+    draw = np.random.RandomState(7)
+    values = []
+    for _ in range(5):
+        f = fake[draw.choice(30, 10, replace=False)].astype(np.float64)
+        r = real[draw.choice(25, 10, replace=False)].astype(np.float64)
+        values.append(_reference_mmd2(f, r))
+    assert kid.mean == pytest.approx(np.mean(values), rel=1e-9)
+    assert kid.std == pytest.approx(np.std(values), rel=1e-9)
+    assert (kid.subsets, kid.subset_size) == (5, 10)
+    # a subset larger than a set takes all of the smaller set
+    assert kernel_inception_distance(fake, real, subsets=2, subset_size=1000).subset_size == 25
+
+
+def test_kid_grows_with_the_distance_between_distributions():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(400, 16))
+    same = kernel_inception_distance(rng.normal(size=(400, 16)), real, subsets=20, subset_size=200)
+    near = kernel_inception_distance(rng.normal(0.3, 1.0, size=(400, 16)), real, subsets=20, subset_size=200)
+    far = kernel_inception_distance(rng.normal(1.0, 1.0, size=(400, 16)), real, subsets=20, subset_size=200)
+    assert abs(same.mean) < 3 * same.std + 1e-3  # unbiased: ~0 for one distribution
+    assert far.mean > near.mean > same.mean + 3 * same.std
+
+
+def test_few_samples_warning_below_the_feature_dimension():
+    assert "2047 samples" in few_samples_warning(2047) and "2048" in few_samples_warning(2047)
+    assert few_samples_warning(2048) is None and few_samples_warning(2816) is None
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,10 +272,16 @@ def test_evaluate_writes_results_and_caches_real_stats(tmp_path, capsys, trained
     assert first["fid"] > 0 and 0 < first["ssim"] < 1 and not first["real_stats_cached"]
     assert len(first["config_hash"]) == 16 and first["method"] == "SSGAN"
     assert "SSGAN (paper)" in out and "123.8" in out and "215.1" in out and "0.285" in out
+    assert PAPER_ROWS_NOTE in out
+    # KID from the same features: all 6 samples per subset here; the few-samples warning, in JSON and table
+    assert first["kid_subset_size"] == 6 and first["kid_subsets"] == 100 and first["kid_std"] >= 0
+    assert np.isfinite(first["kid"]) and f"{first['kid']:.4f} ± {first['kid_std']:.4f}" in out
+    assert first["warnings"] == [few_samples_warning(6)] and few_samples_warning(6) in out
     code, _, err = _evaluate(capsys, *common, "--out", tmp_path / "b.json")
     assert code == 0, err
     second = json.loads((tmp_path / "b.json").read_text())
     assert second["real_stats_cached"] and second["fid"] == first["fid"] and second["ssim"] == first["ssim"]
+    assert second["kid"] == first["kid"]  # the cache keeps the real features themselves
 
 
 @needs_fidelity
@@ -242,6 +302,7 @@ def test_evaluate_under_torchrun_matches_one_process(tmp_path, trained_checkpoin
     assert runs[2]["world_size"] == 2 and runs[2]["samples"] == 5
     assert runs[2]["real_stats_cached"]  # written by the 1-rank run: same shards, weights, settings
     assert runs[1]["fid"] == pytest.approx(runs[2]["fid"], rel=1e-9) and runs[1]["ssim"] == runs[2]["ssim"]
+    assert runs[1]["kid"] == pytest.approx(runs[2]["kid"], rel=1e-9)
 
 
 @needs_fidelity
@@ -289,3 +350,85 @@ def test_evaluate_refuses_a_missing_shard_naming_the_option(tmp_path, capsys, tr
     code, _, err = _evaluate(capsys, "--checkpoint", trained_checkpoint, "--shards", tmp_path / "x-{0..1}.tar",
                              "--inception-weights", inception_weights)
     assert code == 2 and "--shards: no such shard" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Without Inception weights; the full pipeline sketch -> predicted M0 -> image
+
+
+def _reference_ssim(checkpoint: Path, shards: Path, n: int, segmenter: Path | None = None) -> float:
+    """Mean SSIM of the first n samples computed here from the parts: M0 from the shard, or from
+    the segmenter's prediction on the sketch."""
+    loaded = load_generator(checkpoint, torch.device("cpu"))
+    m = loaded.cfg.model
+    S = load_segmenter(segmenter, torch.device("cpu")).S if segmenter else None
+    scores = []
+    for batch in OrderedSamples(resolve_shards(str(shards)), num_classes=m.num_classes, image_size=m.image_size,
+                                max_samples=n).batches(4):
+        label = run_segmenter(S, batch["sketch"]) if S is not None else batch["label"]
+        fake, _ = run_generator(loaded.G, m, label, noise(m, 0, batch["index"]))
+        scores += ssim(to_uint8(fake) / 255.0, to_uint8(batch["image"]) / 255.0).tolist()
+    return float(np.mean(scores))
+
+
+def test_ssim_without_inception_weights_skips_fid_with_a_clear_word(tmp_path, capsys, trained_checkpoint, shards32):
+    code, out, err = _evaluate(capsys, "--checkpoint", trained_checkpoint, "--shards", shards32, "--max-samples", 6,
+                               "--out", tmp_path / "r.json")
+    assert code == 0, err
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["fid"] is None and record["kid"] is None and record["metrics_skipped"] == FID_SKIPPED
+    assert record["samples"] == 6 and record["labels"] == "shards" and record["segmenter"] is None
+    assert record["ssim"] == pytest.approx(_reference_ssim(trained_checkpoint, shards32, 6), abs=1e-12)
+    assert FID_SKIPPED in out and "skipped" in out.splitlines()[3]  # our row: FID and KID skipped
+    assert "FID and KID skipped" in err  # and logged
+
+
+SEG_TINY = ["run.task=segmenter", "segmenter.width=4", "segmenter.levels=2", "segmenter.dilations=[1,2]"]
+
+
+@pytest.fixture(scope="module")
+def segmenters(tmp_path_factory, shards32) -> dict[str, Path]:
+    """A 32 px segmenter of the conftest generator's classes (5 steps), and an untrained one of 10
+    classes (on shards of 10 classes: a run refuses shards of classes it lacks)."""
+    fits, ten, shards10 = (tmp_path_factory.mktemp(name) for name in ("seg-fits", "seg-ten", "shards10"))
+    Trainer(tiny_config(fits, shards32, *SEG_TINY, "train.max_steps=5"), setup()).fit()
+    build_synthetic_shards(shards10, count=4, samples_per_shard=4, size=32, seed=1, num_classes=10,
+                           background_classes=(6, 7, 8, 9))
+    Trainer(tiny_config(ten, shards10, *SEG_TINY, "model.num_classes=10", "model.background_classes=[6,7,8,9]"),
+            setup()).save_checkpoint()
+    return {"fits": fits, "ten": ten}
+
+
+@pytest.fixture(scope="module")
+def label_sensitive_checkpoint(tmp_path_factory, trained_checkpoint) -> Path:
+    """The 2-step checkpoint with G's conv weights redrawn at PyTorch's default scale: after 2 steps
+    from SPADE's init (gain 0.02) G barely reads its label map, and this test is about which map it gets."""
+    state = ckpt.load(trained_checkpoint)
+    g = torch.Generator().manual_seed(0)
+    for k, v in state["G"].items():
+        if v.is_floating_point() and v.dim() == 4:
+            bound = 1.0 / v[0].numel() ** 0.5
+            state["G"][k] = (torch.rand(v.shape, generator=g) * 2 - 1) * bound
+    path = tmp_path_factory.mktemp("sensitive") / "ckpt-000000002.pt"
+    ckpt.save_atomic(state, path)
+    return path
+
+
+def test_segmenter_scores_the_full_pipeline(tmp_path, capsys, label_sensitive_checkpoint, shards32, segmenters):
+    g = label_sensitive_checkpoint
+    code, out, err = _evaluate(capsys, "--checkpoint", g, "--shards", shards32, "--max-samples", 6,
+                               "--segmenter", segmenters["fits"], "--out", tmp_path / "r.json")
+    assert code == 0, err
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["labels"] == "segmenter" and record["segmenter_step"] == 5
+    assert record["segmenter"].startswith(str(segmenters["fits"]))
+    assert record["ssim"] == pytest.approx(_reference_ssim(g, shards32, 6, segmenters["fits"]), abs=1e-12)
+    # not the shards' labels (3e-4 apart here; the match above is to 1e-12)
+    assert abs(record["ssim"] - _reference_ssim(g, shards32, 6)) > 1e-5
+    assert "M0 predicted from the sketches by --segmenter" in out
+
+
+def test_segmenter_of_other_classes_is_refused(capsys, trained_checkpoint, shards32, segmenters):
+    code, _, err = _evaluate(capsys, "--checkpoint", trained_checkpoint, "--shards", shards32,
+                             "--segmenter", segmenters["ten"])
+    assert code == 2 and "--segmenter" in err and "predicts 10 classes" in err and "Traceback" not in err

@@ -206,3 +206,80 @@ def test_layout_errors_name_the_path(tmp_path, capsys):
     (tmp_path / "Scene" / "GT" / SPLIT).mkdir(parents=True)
     assert build(tmp_path, tmp_path / "out") == 2
     assert "Sketch/paper_version/trainInTrain" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's test set: the 20% held out = val + valInTrain (the dataset README), one set
+
+
+def write_split(root: Path, split: str, ids: list[str], seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Complete 32x32 scenes (v5 .mat) in one split folder; returns id -> (sketch, CLASS_GT)."""
+    scene_dir = root / "Scene"
+    gt, sk = scene_dir / "GT" / split, scene_dir / "Sketch" / "paper_version" / split
+    ann = scene_dir / "Annotation" / "paper_version" / split / "CLASS_GT"
+    for d in (gt, sk, ann):
+        d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for sid in ids:
+        sketch, classes, photo = scene(rng, SIZE, SIZE)
+        Image.fromarray(photo).save(gt / f"{sid}.png")
+        Image.fromarray(sketch).save(sk / f"{sid}.png")
+        scipy.io.savemat(ann / f"{sid}.mat", {"CLASS_GT": classes})
+        written[sid] = (sketch, classes)
+    return written
+
+
+VAL = ["000000100001", "000000100002"]
+VAL_IN_TRAIN = ["000000200001", "000000200002", "000000200003"]
+
+
+def build_split(root: Path, out: Path, split: str) -> int:
+    return main(["sketchycoco", "--root", str(root), "--split", split, "--out", str(out), "--size", str(SIZE),
+                 "--samples-per-shard", "2", "--workers", "1"])
+
+
+def test_test_split_is_val_and_val_in_train_as_one_set(tmp_path):
+    root = tmp_path / "src"
+    write_tree(root)  # trainInTrain: 4 scenes (and one incomplete)
+    sources = {**write_split(root, "val", VAL, 1), **write_split(root, "valInTrain", VAL_IN_TRAIN, 2)}
+    folder_of = {**{sid: "val" for sid in VAL}, **{sid: "valInTrain" for sid in VAL_IN_TRAIN}}
+    assert build_split(root, tmp_path / "test", "test") == 0
+    m = read_manifest(tmp_path / "test")
+    assert m["samples"] == 5 and m["extra"]["split"] == "test" and m["extra"]["folders"] == ["valInTrain", "val"]
+    assert m["extra"]["skipped"] == []  # trainInTrain's incomplete scene is not part of the test set
+    raws = list(wds.WebDataset([str(tmp_path / "test" / s["file"]) for s in m["shards"]], shardshuffle=False))
+    assert sorted(r["__key__"] for r in raws) == sorted(VAL + VAL_IN_TRAIN)
+    for raw in raws:
+        sid = raw["__key__"]
+        assert json.loads(raw["json"])["split"] == folder_of[sid]  # each sample keeps its folder
+        sketch, classes = sources[sid]
+        label = decode_sample(raw, shard="x", num_classes=20, image_size=SIZE)["label"]
+        assert np.array_equal(label, np.where(sketch < 128, classes, 0)), sid
+
+    # every way of naming the same folders builds the same shards
+    sha = lambda d: [s["sha256"] for s in read_manifest(tmp_path / d)["shards"]]  # noqa: E731
+    assert build_split(root, tmp_path / "list", "val,valInTrain") == 0
+    assert build_split(root, tmp_path / "reversed", " valInTrain , val") == 0
+    assert sha("test") == sha("list") == sha("reversed")
+    # train = trainInTrain
+    assert build_split(root, tmp_path / "train", "train") == 0
+    assert build_split(root, tmp_path / "trainInTrain", SPLIT) == 0
+    assert sha("train") == sha("trainInTrain") and read_manifest(tmp_path / "train")["samples"] == 4
+
+
+def test_an_id_in_two_splits_is_refused_naming_both(tmp_path, capsys):
+    root = tmp_path / "src"
+    write_split(root, "val", VAL, 1)
+    write_split(root, "valInTrain", [VAL[1]], 2)
+    assert build_split(root, tmp_path / "out", "test") == 2
+    err = capsys.readouterr().err
+    assert VAL[1] in err and "valInTrain" in err and "/val/" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_unknown_split_lists_the_choices(tmp_path, capsys):
+    write_split(tmp_path / "src", "val", VAL, 1)
+    assert build_split(tmp_path / "src", tmp_path / "out", "val,tests") == 2
+    err = capsys.readouterr().err
+    assert "'tests'" in err and "test" in err and "valInTrain" in err and "Traceback" not in err

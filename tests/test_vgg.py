@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssgan_dist.config import LossConfig
+from ssgan_dist.losses import VGGLoss
 from ssgan_dist.models import VGG19Features, VGGWeightsError, load_vgg19
+from ssgan_dist.tasks.gan import build_vgg_loss
 
 # torchvision vgg19 `features`: conv index -> (in, out) channels; 16 convs
 VGG19_CONVS = {
@@ -46,6 +49,15 @@ def weights_file(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return path, state
 
 
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def imagenet_normalise(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] -> ImageNet mean/std, written out independently of models/vgg.py."""
+    return ((x + 1) / 2 - IMAGENET_MEAN) / IMAGENET_STD
+
+
 def test_loads_torchvision_layout_and_returns_five_features(weights_file) -> None:
     path, state = weights_file
     vgg = load_vgg19(str(path))
@@ -60,12 +72,41 @@ def test_loads_torchvision_layout_and_returns_five_features(weights_file) -> Non
     assert [f.shape for f in feats] == [
         (1, 64, 64, 64), (1, 128, 32, 32), (1, 256, 16, 16), (1, 512, 8, 8), (1, 512, 4, 4)
     ]
-    # relu1_1 by hand: [-1, 1] -> [0, 1] -> ImageNet mean/std -> conv 0 -> relu
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    by_hand = F.relu(F.conv2d(((x + 1) / 2 - mean) / std, state["features.0.weight"],
-                              state["features.0.bias"], padding=1))
-    torch.testing.assert_close(feats[0], by_hand)
+
+
+@pytest.mark.parametrize("mode", ["raw", "imagenet"])
+def test_input_mode_by_hand(weights_file, mode) -> None:
+    """relu1_1 by hand: "raw" convolves the [-1, 1] image as NVlabs SPADE does, "imagenet"
+    its [0, 1] ImageNet-normalised version; the default (no mode given) is "raw"."""
+    path, state = weights_file
+    vgg = load_vgg19(str(path), mode)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    seen = x if mode == "raw" else imagenet_normalise(x)
+    by_hand = F.relu(F.conv2d(seen, state["features.0.weight"], state["features.0.bias"], padding=1))
+    torch.testing.assert_close(vgg(x)[0], by_hand)
+    other = F.relu(F.conv2d(imagenet_normalise(x) if mode == "raw" else x, state["features.0.weight"],
+                            state["features.0.bias"], padding=1))
+    assert (vgg(x)[0] - other).abs().max() > 0.1  # the two modes are really different inputs
+    if mode == "raw":
+        torch.testing.assert_close(load_vgg19(str(path))(x)[0], by_hand)
+
+
+@pytest.mark.parametrize("mode", ["raw", "imagenet"])
+def test_loss_vgg_input_reaches_the_perceptual_loss(weights_file, mode) -> None:
+    """loss.vgg_input, through the GAN task's loss builder: the imagenet loss of (a, b) is the raw
+    loss of the normalised images (all five layers, weighted), the raw loss that of (a, b) as given."""
+    path, _ = weights_file
+    loss = build_vgg_loss(LossConfig(vgg_weights=str(path), vgg_input=mode), torch.device("cpu"))
+    a, b = torch.rand(1, 3, 32, 32) * 2 - 1, torch.rand(1, 3, 32, 32) * 2 - 1
+    raw = VGGLoss(load_vgg19(str(path), "raw"))
+    expected = raw(a, b) if mode == "raw" else raw(imagenet_normalise(a), imagenet_normalise(b))
+    torch.testing.assert_close(loss(a, b), expected)
+    assert LossConfig().vgg_input == "raw"
+
+
+def test_unknown_input_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="'bgr'.*raw, imagenet"):
+        VGG19Features("bgr")
 
 
 def test_empty_path_uses_torch_hub_cache(weights_file, tmp_path, monkeypatch) -> None:

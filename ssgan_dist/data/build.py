@@ -2,7 +2,7 @@
 
 ``python -m ssgan_dist.data.build`` (console script ``ssgan-shards``) with one of:
 
-    sketchycoco --root DIR --split trainInTrain|valInTrain|val --out DIR
+    sketchycoco --root DIR --split train|test|trainInTrain|valInTrain|val[,...] --out DIR
     folder --sketch DIR --label DIR --image DIR --out DIR
     synthetic --count N --out DIR
     verify DIR
@@ -87,7 +87,8 @@ def _sketchycoco(args: argparse.Namespace) -> int:
     complete, missing = _partition(sketchycoco.scan(args.root, args.split), sketchycoco.missing_parts)
     build(complete, partial(sketchycoco.load, size=args.size), missing, args, source="sketchycoco",
           num_classes=sketchycoco.NUM_CLASSES,
-          extra={"root": os.path.abspath(args.root), "split": args.split, "label": sketchycoco.LABEL_RULE})
+          extra={"root": os.path.abspath(args.root), "split": args.split,
+                 "folders": list(sketchycoco.split_folders(args.split)), "label": sketchycoco.LABEL_RULE})
     return 0
 
 
@@ -138,7 +139,9 @@ def parser() -> argparse.ArgumentParser:
 
     p = builder("sketchycoco", "SketchyCOCO scene level -> shards")
     p.add_argument("--root", required=True, help="directory holding Scene/ (or Scene itself)")
-    p.add_argument("--split", required=True, choices=sketchycoco.SPLITS, help="the dataset's folder to read")
+    p.add_argument("--split", required=True,
+                   help="train (= trainInTrain), test (= val + valInTrain: the paper's held-out 20%%, 2816 scenes), "
+                        "a folder (trainInTrain, valInTrain, val), or a comma list of them")
     p = builder("folder", "sketch / label / image folders matched by file stem -> shards")
     for part in folder.PARTS:
         p.add_argument(f"--{part}", required=True, help=f"directory of {part} files")

@@ -15,6 +15,12 @@ pixel lies on a stroke of the stored sketch.
 
 ``.mat`` files are read as MATLAB v5 (scipy) or v7.3 (HDF5, h5py; MATLAB stores arrays
 column-major, so h5py sees them transposed).
+
+Splits: the dataset's README names three folders: ``trainInTrain`` (SketchyCOCO train, from
+COCO-Stuff train images), ``valInTrain`` (SketchyCOCO val taken from COCO-Stuff *train* images)
+and ``val`` (SketchyCOCO val from COCO-Stuff val). The paper trains on 80% and tests on the 20%
+held out, 2816 scenes = ``val`` + ``valInTrain``: ``--split test`` builds those two folders as
+one set (``train`` = ``trainInTrain``), and a comma list names any folders.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from ssgan_dist.errors import SetupError
 from ssgan_dist.labels import CLASS_NAMES
 
 SPLITS = ("trainInTrain", "valInTrain", "val")
+# Named sets of folders: the paper's 80% / 20% (the dataset README: 11265 train + 2816 val).
+SPLIT_SETS = {"train": ("trainInTrain",), "test": ("val", "valInTrain")}
 NUM_CLASSES = len(CLASS_NAMES)
 VARIABLE = "CLASS_GT"
 LABEL_RULE = "CLASS_GT on sketch strokes (sketch < 128) after the darkest-pixel resize"
@@ -65,12 +73,42 @@ def _scene_dir(root: Path) -> Path:
     raise SetupError(f"--root {root}: no Scene/GT directory there (expected SketchyCOCO's scene-level layout)")
 
 
+def split_folders(split: str) -> tuple[str, ...]:
+    """The folders of ``--split`` (a set name: train, test; a folder; or a comma list of them), in
+    the dataset's order, so that every way of naming one set builds the same shards."""
+    folders: list[str] = []
+    for name in (part.strip() for part in split.split(",")):
+        if name not in SPLITS and name not in SPLIT_SETS:
+            choices = ", ".join([*SPLIT_SETS, *SPLITS])
+            raise SetupError(f"--split {split!r}: {name!r} is not a SketchyCOCO split; expected one of {choices}, "
+                             "or a comma list of them")
+        folders += SPLIT_SETS.get(name, (name,))
+    return tuple(f for f in SPLITS if f in folders)
+
+
 def scan(root: str | Path, split: str) -> list[Item]:
-    """Every id found in any of the split's three folders, sorted by id."""
-    if split not in SPLITS:
-        raise SetupError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    """Every id found in any of the three folders of each of the split's folders (see
+    ``split_folders``), by folder, then by id. An id found in two folders is refused: shard
+    keys are ids, and COCO ids are unique, so it would be a damaged tree."""
+    folders = split_folders(split)
     mat_readers()  # a missing extra stops the build here, not as one bad sample per scene
-    scene = _scene_dir(Path(root))
+    items = [item for folder in folders for item in _scan_folder(Path(root), folder)]
+    seen: dict[str, Item] = {}
+    for item in items:
+        if item.id in seen:
+            raise SetupError(f"--split {split}: id {item.id} is in both {seen[item.id].split} and {item.split} "
+                             f"({_any_file(seen[item.id])} and {_any_file(item)}); an id must be in one split only")
+        seen[item.id] = item
+    return items
+
+
+def _any_file(item: Item) -> Path:
+    return next(p for p in (item.photo, item.sketch, item.classes) if p is not None)
+
+
+def _scan_folder(root: Path, split: str) -> list[Item]:
+    """Every id found in any of one split folder's three folders, sorted by id."""
+    scene = _scene_dir(root)
     folders = {
         "photo": (scene / "GT" / split, ".png"),
         "sketch": (scene / "Sketch" / "paper_version" / split, ".png"),

@@ -1,12 +1,15 @@
-"""FID and SSIM of a checkpoint on held-out shards (the paper's Table 1).
+"""FID, KID and SSIM of a checkpoint on held-out shards (the paper's Table 1).
 
 ``python -m ssgan_dist.evaluation.evaluate`` (console script ``ssgan-evaluate``). One image
 is generated for every sample of the shard set, with noise fixed by (seed, sample index),
-and compared with the sample's photo: FID over Inception pool3 features, SSIM on the images
-in [0, 1]. Under torchrun sample i is handled by rank i % world_size and the results
-are gathered in index order, so the numbers do not depend on the number of ranks. The real
-images' Inception statistics are cached (see ``fid.stats_key``). ``evaluate_generator`` is
-the same evaluation for a Trainer to call every ``eval.every`` steps.
+and compared with the sample's photo: FID and KID over Inception pool3 features, SSIM on the
+images in [0, 1]. M0 is the shard's label, or, with ``--segmenter``, the M0 a sketch segmenter
+predicts from the sample's sketch: the paper's full pipeline sketch -> M0 -> image. Without
+Inception weights FID and KID are skipped (said in the table and the JSON) and SSIM is still
+computed. Under torchrun sample i is handled by rank i % world_size and the results are
+gathered in index order, so the numbers do not depend on the number of ranks. The real
+images' Inception features are cached (see ``fid.stats_key``). ``evaluate_generator`` is the
+same evaluation for a Trainer to call every ``eval.every`` steps.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from ssgan_dist.data.shards import resolve_shards
 from ssgan_dist.distributed.collectives import from_main, gather_to_all
 from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.errors import SetupError
-from ssgan_dist.evaluation.fid import feature_stats, frechet_distance, load_stats, save_stats, stats_key
-from ssgan_dist.evaluation.inception import NUM_FEATURES, load_inception
-from ssgan_dist.evaluation.inference import load_generator, noise, run_generator
+from ssgan_dist.evaluation.fid import feature_stats, frechet_distance, load_features, save_features, stats_key
+from ssgan_dist.evaluation.inception import NUM_FEATURES, WEIGHTS_FILE, load_inception
+from ssgan_dist.evaluation.inference import (WEIGHTS, check_segmenter_fits, load_generator, load_segmenter, noise,
+                                             run_generator, run_segmenter)
+from ssgan_dist.evaluation.kid import kernel_inception_distance
 from ssgan_dist.evaluation.ssim import ssim
 from ssgan_dist.files import sha256_file
 from ssgan_dist.images import to_uint8
@@ -41,8 +46,17 @@ from ssgan_dist.shell import command_parser, run_cli, setup_logging, track, writ
 
 log = logging.getLogger("ssgan_dist.evaluation.evaluate")
 
-# The paper's Table 1 (SketchyCOCO scene level, 256x256).
+# The paper's Table 1 (SketchyCOCO scene level, 256x256): method, FID, SSIM. It has five rows;
+# only these two could be checked against a source (DESIGN.md); the other three are not printed
+# rather than guessed (PAPER_ROWS_NOTE says so under the table).
 PAPER_ROWS = (("SSGAN (paper)", 123.8, 0.285), ("GauGAN-semantic sketch (paper)", 215.1, 0.285))
+PAPER_ROWS_NOTE = ("The paper's Table 1 has five rows; its other three could not be verified from a source "
+                   "and are not shown. The paper reports no KID.")
+# FID's covariance is D x D (D = 2048 pool3 features): estimated from fewer samples it is
+# rank-deficient and FID is biased upward, more so the fewer the samples.
+FID_MIN_SAMPLES = NUM_FEATURES
+FID_SKIPPED = (f"FID and KID skipped: no Inception weights ({WEIGHTS_FILE}, never downloaded; give "
+               "--inception-weights or eval.inception_weights). SSIM needs none.")
 
 
 class EvalError(SetupError):
@@ -51,11 +65,12 @@ class EvalError(SetupError):
 
 @dataclass
 class EvalSpec:
-    """What to evaluate on; the option names are those the user set, for error messages."""
+    """What to evaluate on; the option names are those the user set, for error messages.
+    An empty ``inception_weights`` skips FID and KID."""
 
     shards: str
     inception_weights: str
-    cache_dir: Path  # real-image statistics (fid_cache_dir)
+    cache_dir: Path  # real-image features (fid_cache_dir)
     max_samples: int = 0
     batch_size: int = 8
     seed: int = 0
@@ -81,16 +96,18 @@ def _features(parts: list[np.ndarray]) -> np.ndarray:
 
 @torch.no_grad()
 def _local_pass(G: nn.Module, m: ModelConfig, env: DistEnv, spec: EvalSpec, reader: OrderedSamples,
-                inception: nn.Module, need_real: bool) -> dict[str, Any]:
+                inception: nn.Module | None, need_real: bool, segmenter: nn.Module | None) -> dict[str, Any]:
     """This rank's share: sample indices, generated (and real) features, per-image SSIM."""
     out: dict[str, Any] = {"index": [], "fake": [], "real": [], "ssim": []}
     try:
         for batch in track(reader.batches(spec.batch_size), "evaluate", reader.expected(), unit="sample",
                            size=lambda b: len(b["index"]), enabled=env.is_main, leave=False):
-            fake, _ = run_generator(G, m, batch["label"], noise(m, spec.seed, batch["index"]))
+            label = run_segmenter(segmenter, batch["sketch"]) if segmenter is not None else batch["label"]
+            fake, _ = run_generator(G, m, label, noise(m, spec.seed, batch["index"]))
             real = batch["image"].to(env.device)
             out["ssim"] += ssim(to_uint8(fake) / 255.0, to_uint8(real) / 255.0).tolist()
-            out["fake"].append(inception(fake).cpu().numpy())
+            if inception is not None:
+                out["fake"].append(inception(fake).cpu().numpy())
             if need_real:
                 out["real"].append(inception(real).cpu().numpy())
             out["index"] += batch["index"]
@@ -107,57 +124,85 @@ def _combine(parts: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.concatenate([np.asarray(p[key]) for p in parts])[np.argsort(index, kind="stable")]
 
 
-def evaluate_generator(G: nn.Module, model: ModelConfig, env: DistEnv, spec: EvalSpec) -> dict[str, Any]:
-    """FID and mean SSIM of G (of ``model``) on a shard set; call on every rank, every rank
-    gets the result. G is switched to eval mode for the pass and back to its previous mode after it.
+def few_samples_warning(n: int) -> str | None:
+    """The warning for an FID over fewer samples than pool3 has features, or None."""
+    if n >= FID_MIN_SAMPLES:
+        return None
+    return (f"FID over {n} samples, fewer than the {FID_MIN_SAMPLES} Inception features: the covariance is "
+            "rank-deficient and FID is biased upward (compare FIDs only at equal sample counts; KID is unbiased "
+            "at any count; the paper's test set has 2816 scenes)")
+
+
+def evaluate_generator(G: nn.Module, model: ModelConfig, env: DistEnv, spec: EvalSpec,
+                       segmenter: nn.Module | None = None) -> dict[str, Any]:
+    """FID, KID and mean SSIM of G (of ``model``) on a shard set, M0 from the shards or predicted
+    by ``segmenter`` from the sketches; call on every rank, every rank gets the result. G is
+    switched to eval mode for the pass and back to its previous mode after it.
     """
     t0 = time.perf_counter()
     if not spec.shards:
         raise EvalError(f"{spec.shards_option} is empty: give the held-out shards to evaluate on")
     shards = resolve_shards(spec.shards, spec.shards_option)
-    inception = load_inception(spec.inception_weights, spec.weights_option).to(env.device)
-    cache_dir = spec.cache_dir
-    key = stats_key(shards, sha256_file(spec.inception_weights), {
-        "max_samples": spec.max_samples, "image_size": model.image_size,
-        "num_classes": model.num_classes, "on_error": spec.on_error,
-    })
-    cached = from_main(lambda: load_stats(cache_dir, key) is not None)
+    inception = load_inception(spec.inception_weights, spec.weights_option).to(env.device) \
+        if spec.inception_weights else None
+    cache_dir, key, cached = spec.cache_dir, "", False
+    if inception is not None:
+        key = stats_key(shards, sha256_file(spec.inception_weights), {
+            "max_samples": spec.max_samples, "image_size": model.image_size,
+            "num_classes": model.num_classes, "on_error": spec.on_error, "entry": "pool3 features",
+        })
+        cached = from_main(lambda: load_features(cache_dir, key) is not None)
     reader = OrderedSamples(shards, num_classes=model.num_classes, image_size=model.image_size,
                             on_error=spec.on_error, rank=env.rank, world_size=env.world_size,
                             max_samples=spec.max_samples)
     was_training = G.training
     G.eval()
     try:
-        local = _local_pass(G, model, env, spec, reader, inception, need_real=not cached)
+        local = _local_pass(G, model, env, spec, reader, inception, inception is not None and not cached, segmenter)
     finally:
         G.train(was_training)
     parts = gather_to_all(local)
     skipped = [reason for p in parts for reason in p["skipped"]]
-    for reason in skipped[:5]:
-        log.warning("evaluation skipped a bad sample: %s", reason)
+    if env.is_main:
+        for reason in skipped[:5]:
+            log.warning("evaluation skipped a bad sample: %s", reason)
 
     def summarize() -> dict[str, Any]:
-        fake = _combine(parts, "fake")
-        if len(fake) < 2:
+        scores = _combine(parts, "ssim")
+        n = len(scores)
+        need = 1 if inception is None else 2
+        if n < need:
             first = f"; first skipped: {skipped[0]}" if skipped else ""
-            raise EvalError(f"{spec.shards_option}: {len(fake)} usable samples, FID needs at least 2{first}")
+            raise EvalError(f"{spec.shards_option}: {n} usable samples, {'FID needs' if need == 2 else 'need'} "
+                            f"at least {need}{first}")
+        result: dict[str, Any] = {"ssim": float(np.mean(scores)), "samples": int(n), "skipped": len(skipped),
+                                  "seed": spec.seed, "labels": "segmenter" if segmenter is not None else "shards",
+                                  "fid": None, "kid": None, "kid_std": None, "warnings": []}
+        if inception is None:
+            result["metrics_skipped"] = FID_SKIPPED
+            return result
+        fake = _combine(parts, "fake")
         if cached:
-            mu_r, sigma_r, _ = load_stats(cache_dir, key)
+            real = load_features(cache_dir, key)
         else:
-            mu_r, sigma_r = feature_stats(_combine(parts, "real"))
-            save_stats(cache_dir, key, mu_r, sigma_r, len(fake))
-        mu_f, sigma_f = feature_stats(fake)
-        return {
+            real = _combine(parts, "real")
+            save_features(cache_dir, key, real)
+        (mu_f, sigma_f), (mu_r, sigma_r) = feature_stats(fake), feature_stats(real)
+        kid = kernel_inception_distance(fake, real)
+        result.update({
             "fid": frechet_distance(mu_f, sigma_f, mu_r, sigma_r),
-            "ssim": float(np.mean(_combine(parts, "ssim"))),
-            "samples": int(len(fake)),
-            "skipped": len(skipped),
-            "seed": spec.seed,
-            "real_stats_file": str(cache_dir / f"{key}.npz"),
-            "real_stats_cached": bool(cached),
-        }
+            "kid": kid.mean, "kid_std": kid.std, "kid_subsets": kid.subsets, "kid_subset_size": kid.subset_size,
+            "real_stats_file": str(cache_dir / f"{key}.npz"), "real_stats_cached": bool(cached),
+        })
+        if (warning := few_samples_warning(n)) is not None:
+            result["warnings"].append(warning)
+        return result
 
     result = from_main(summarize)
+    if env.is_main:
+        for line in (result.get("metrics_skipped"), *result["warnings"]):
+            if line:
+                log.warning("%s", line)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
@@ -166,15 +211,27 @@ def method_name(model: ModelConfig) -> str:
     return "SSGAN" if model.sfm else "GauGAN-semantic sketch"
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "skipped" if value is None else format(value, spec)
+
+
 def format_table(record: dict[str, Any]) -> str:
-    """The paper's Table 1 layout: method | FID | SSIM, the paper's rows for reference."""
-    ours = f"{record['method']}, this checkpoint (step {record['step']})"
-    rows = [*PAPER_ROWS, (ours, record["fid"], record["ssim"])]
+    """The paper's Table 1 layout: method | FID | KID | SSIM, the paper's verified rows for
+    reference, then what this row was measured on."""
+    ours = f"{record['method']}, this checkpoint (step {record['step']}, {record['weights']})"
+    kid = "skipped" if record["kid"] is None else f"{record['kid']:.4f} ± {record['kid_std']:.4f}"
+    rows = [(name, f"{fid:.1f}", "-", f"{s:.3f}") for name, fid, s in PAPER_ROWS]
+    rows.append((ours, _number(record["fid"], ".1f"), kid, _number(record["ssim"], ".3f")))
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'method':<{width}}  {'FID':>8}  {'SSIM':>6}"]
-    lines += [f"{name:<{width}}  {fid:>8.1f}  {s:>6.3f}" for name, fid, s in rows]
-    lines.append(f"({record['samples']} samples at {record['image_size']} px; the paper: "
-                 "SketchyCOCO val, 256 px)")
+    kid_w = max(len(r[2]) for r in rows)
+    lines = [f"{'method':<{width}}  {'FID':>8}  {'KID':>{kid_w}}  {'SSIM':>6}"]
+    lines += [f"{name:<{width}}  {fid:>8}  {k:>{kid_w}}  {s:>6}" for name, fid, k, s in rows]
+    m0 = (f"M0 predicted from the sketches by --segmenter {record['segmenter']} (step {record['segmenter_step']})"
+          if record.get("segmenter") else "M0 = the shards' labels")
+    lines.append(f"({record['samples']} samples at {record['image_size']} px, {m0}; the paper: SketchyCOCO's "
+                 "test set, val + valInTrain, 2816 scenes at 256 px)")
+    lines.append(PAPER_ROWS_NOTE)
+    lines += [line for line in (record.get("metrics_skipped"), *record.get("warnings", [])) if line]
     return "\n".join(lines)
 
 
@@ -183,14 +240,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="ckpt-*.pt, or a run directory (its newest checkpoint)")
     p.add_argument("--shards", default="", help="held-out shards (dir, brace pattern, comma list); "
                                                 "default: the checkpoint's eval.shards")
-    p.add_argument("--inception-weights", default="", help="pt_inception-2015-12-05-6726825d.pth; "
-                                                           "default: the checkpoint's eval.inception_weights")
+    p.add_argument("--inception-weights", default="", help="pt_inception-2015-12-05-6726825d.pth; default: the "
+                   "checkpoint's eval.inception_weights; neither: FID and KID are skipped, SSIM is computed")
+    p.add_argument("--segmenter", default="", help="a sketch segmenter's checkpoint (or run directory): M0 is "
+                   "predicted from each sample's sketch instead of read from the shard (the full pipeline)")
+    p.add_argument("--weights", choices=WEIGHTS, default="auto", help="G's weights: auto = the EMA of G (G_ema) "
+                   "when the checkpoint has one (train.ema), else G; ema = G_ema or an error; raw = G")
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=0, help="images per forward; default: eval.batch_size")
     p.add_argument("--max-samples", type=int, default=-1, help="only the first N samples; 0: all; "
                                                                "default: eval.max_samples")
     p.add_argument("--seed", type=int, default=0, help="noise seed (z of sample i depends on seed and i)")
-    p.add_argument("--cache-dir", default="", help="cache of real-image statistics; default: "
+    p.add_argument("--cache-dir", default="", help="cache of real-image Inception features; default: "
                                                    "$SSGAN_CACHE/fid-stats or ~/.cache/ssgan_dist/fid-stats")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="a bad sample stops the evaluation (default) or is skipped and counted")
@@ -199,8 +260,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any] | None:
     """Evaluate; the record (rank 0) or None (other ranks)."""
-    loaded = load_generator(Path(args.checkpoint), env.device)
+    loaded = load_generator(Path(args.checkpoint), env.device, args.weights)
     cfg = loaded.cfg
+    seg = load_segmenter(Path(args.segmenter), env.device) if args.segmenter else None
+    if seg is not None:
+        check_segmenter_fits(seg, loaded)
     spec = EvalSpec(
         shards=args.shards or cfg.eval.shards,
         inception_weights=args.inception_weights or cfg.eval.inception_weights,
@@ -213,15 +277,17 @@ def run(args: argparse.Namespace, env: DistEnv) -> dict[str, Any] | None:
     )
     if spec.batch_size < 1:
         raise EvalError(f"--batch-size: must be at least 1, got {spec.batch_size}")
-    log.info("evaluating %s (step %d, %s) on %s, rank %d of %d", loaded.path, loaded.step, method_name(cfg.model),
-             spec.shards, env.rank, env.world_size)
-    result = evaluate_generator(loaded.G, cfg.model, env, spec)
+    log.info("evaluating %s (step %d, %s, weights %s) on %s%s, rank %d of %d", loaded.path, loaded.step,
+             method_name(cfg.model), loaded.weights, spec.shards,
+             f", M0 by the segmenter {seg.path}" if seg else "", env.rank, env.world_size)
+    result = evaluate_generator(loaded.G, cfg.model, env, spec, seg.S if seg else None)
     if not env.is_main:
         return None
     record = {
         "method": method_name(cfg.model), **result, "checkpoint": str(loaded.path), "step": loaded.step,
-        "config_hash": loaded.config_hash, "shards": spec.shards, "image_size": cfg.model.image_size,
-        "inception_weights": spec.inception_weights, "world_size": env.world_size,
+        "config_hash": loaded.config_hash, "weights": loaded.weights, "shards": spec.shards,
+        "image_size": cfg.model.image_size, "inception_weights": spec.inception_weights, "world_size": env.world_size,
+        "segmenter": str(seg.path) if seg else None, "segmenter_step": seg.step if seg else None,
     }
     write_record(args.out, record)
     return record

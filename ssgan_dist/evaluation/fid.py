@@ -1,4 +1,4 @@
-"""Frechet Inception Distance from pool3 features, and a cache of the real set's statistics.
+"""Frechet Inception Distance from pool3 features, and a cache of the real set's features.
 
 FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)). The last trace is computed as
 tr((A S2 A)^(1/2)) with A = S1^(1/2), from two symmetric eigendecompositions: the same value
@@ -6,9 +6,10 @@ tr((A S2 A)^(1/2)) with A = S1^(1/2), from two symmetric eigendecompositions: th
 semi-definite, so no complex parts or singular-matrix fallbacks as with scipy's sqrtm on
 the non-symmetric product, and it is several times faster at 2048 x 2048.
 
-The real images' statistics depend only on the shard files, the Inception weights and which
-samples are read, so they are computed once and kept in a cache directory under a key made
-of exactly those.
+The real images' pool3 features depend only on the shard files, the Inception weights and
+which samples are read, so they are computed once and kept in a cache directory under a key
+made of exactly those. The features themselves are kept, not only their mean and covariance,
+because KID (kid.py) needs the samples (2816 x 2048 float32: 23 MB for SketchyCOCO's test set).
 """
 
 from __future__ import annotations
@@ -58,19 +59,19 @@ def stats_key(shards: list[str], weights_sha256: str, settings: dict[str, Any]) 
     return h.hexdigest()[:32]
 
 
-def load_stats(cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """(mu, sigma, count) of a cached entry, or None when absent or unreadable."""
+def load_features(cache_dir: Path, key: str) -> np.ndarray | None:
+    """The cached [N, D] real features of ``key``, or None when absent or unreadable."""
     path = Path(cache_dir) / f"{key}.npz"
     try:
         with np.load(path) as f:
-            return f["mu"], f["sigma"], int(f["count"])
+            return f["features"]
     except (OSError, KeyError, ValueError):
         return None
 
 
-def save_stats(cache_dir: Path, key: str, mu: np.ndarray, sigma: np.ndarray, count: int) -> Path:
+def save_features(cache_dir: Path, key: str, features: np.ndarray) -> Path:
     """Written atomically, so a concurrent reader never sees half an entry."""
     path = Path(cache_dir) / f"{key}.npz"
     with atomic_write(path) as f:
-        np.savez(f, mu=mu, sigma=sigma, count=count)
+        np.savez(f, features=features.astype(np.float32), count=len(features))
     return path

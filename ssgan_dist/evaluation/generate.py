@@ -8,7 +8,8 @@ as ``out.label.png``), or every sample of a shard set (``--shards SPEC --out DIR
 (argmax over classes, coloured like the label maps), the paper's Figure 3(c).
 ``--num-styles K`` draws K noise vectors per input (``<name>-style<k>.png``);
 ``--grid G.png`` puts inputs x styles side by side: sketch | label | K outputs | real | mask.
-The generator and its config come from the checkpoint; noise from (seed, input index, style).
+The generator and its config come from the checkpoint (its EMA weights ``G_ema`` when it has
+them, see ``--weights``); noise from (seed, input index, style).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ssgan_dist.data.schema import BadSample
 from ssgan_dist.data.shards import resolve_shards
 from ssgan_dist.distributed.env import setup
 from ssgan_dist.errors import SetupError
-from ssgan_dist.evaluation.inference import (LoadedGenerator, load_generator, load_segmenter, noise, run_generator,
-                                             run_segmenter)
+from ssgan_dist.evaluation.inference import (WEIGHTS, LoadedGenerator, check_segmenter_fits, load_generator,
+                                             load_segmenter, noise, run_generator, run_segmenter)
 from ssgan_dist.grid import make_grid, mask_argmax
 from ssgan_dist.images import rgb_arrays, save_png, sketch_tensor
 from ssgan_dist.labels import STROKE_THRESHOLD, colorize, stroke_mask
@@ -91,14 +92,7 @@ def read_label(path: str, num_classes: int) -> np.ndarray:
 def predict_label(args: argparse.Namespace, loaded: LoadedGenerator, sketch: np.ndarray) -> np.ndarray:
     """M0 of --sketch predicted by --segmenter, whose classes and size must be the generator's."""
     seg = load_segmenter(Path(args.segmenter), next(loaded.G.parameters()).device)
-    s, g = seg.cfg.model, loaded.cfg.model
-    if s.num_classes != g.num_classes:
-        raise InputError(f"--segmenter {seg.path} predicts {s.num_classes} classes (model.num_classes={s.num_classes}), "
-                         f"but --checkpoint {loaded.path} takes {g.num_classes} (model.num_classes={g.num_classes}): "
-                         "train the segmenter with the generator's model.num_classes")
-    if s.image_size != g.image_size:
-        raise InputError(f"--segmenter {seg.path} was trained on {s.image_size}x{s.image_size} sketches, but "
-                         f"--checkpoint {loaded.path} makes {g.image_size}x{g.image_size} images (model.image_size)")
+    check_segmenter_fits(seg, loaded)
     pixels = sketch_tensor(sketch)
     if not stroke_mask(pixels).any():
         raise InputError(f"--sketch {args.sketch} is blank (no pixel darker than {STROKE_THRESHOLD}/255): "
@@ -249,6 +243,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--grid-rows", type=int, default=8, help="inputs shown in --grid")
     p.add_argument("--max-samples", type=int, default=0, help="--shards: only the first N samples; 0: all")
     p.add_argument("--batch-size", type=int, default=8, help="--shards: inputs per forward pass")
+    p.add_argument("--weights", choices=WEIGHTS, default="auto",
+                   help="G's weights: auto = the EMA of G (G_ema) when the checkpoint has one (train.ema), else G; "
+                        "ema = G_ema or an error; raw = G")
     return p.parse_args(argv)
 
 
@@ -274,11 +271,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    loaded = load_generator(Path(args.checkpoint), setup().device)
+    loaded = load_generator(Path(args.checkpoint), setup().device, args.weights)
     check_args(args, loaded.cfg)
     written = generate(args, loaded)
     masks = "" if loaded.cfg.model.sfm else " (no SFM masks: model.sfm=false)"
-    print(f"wrote {len(written)} image(s) from {loaded.path} (step {loaded.step}) to {args.out}{masks}"
+    print(f"wrote {len(written)} image(s) from {loaded.path} (step {loaded.step}, weights {loaded.weights}) "
+          f"to {args.out}{masks}"
           + (f"; grid: {args.grid}" if args.grid else "")
           + (f"; predicted M0: {label_path(Path(args.out))}" if args.segmenter else ""))
     return 0

@@ -6,12 +6,19 @@ dependency: the layers are built here in torchvision's ``vgg19().features`` layo
 IMAGENET1K_V1 file (HUB_FILE, from HUB_URL), which NVlabs SPADE's perceptual loss uses too.
 A given file is hashed: another sha256 than the official file's is a warning (a fine-tuned
 or converted copy may be meant), a file of another layout is refused.
+
+What VGG19 sees (``loss.vgg_input``): NVlabs SPADE's ``VGGLoss`` feeds the generator's
+[-1, 1] images to torchvision's VGG19 as they are, without the ImageNet normalisation those
+weights were trained with ("raw", the default, so that lambda_vgg = 10 weighs the loss as in
+GauGAN and the paper built on it); "imagenet" maps to [0, 1] and normalises with ImageNet's
+mean and std, as torchvision documents the weights' input.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -32,6 +39,8 @@ SHA256 = "dcbb9e9dad569fff7a846263a77324fc34978fea2bfb039c012d710e1776ae44"
 SIZE = 574_673_361
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+InputMode = Literal["raw", "imagenet"]
+INPUT_MODES: tuple[InputMode, ...] = ("raw", "imagenet")
 
 
 class VGGWeightsError(SetupError):
@@ -53,12 +62,15 @@ def _build_features() -> nn.Sequential:
 class VGG19Features(nn.Module):
     """Frozen VGG19 trunk: image in [-1, 1] -> [relu1_1, relu2_1, relu3_1, relu4_1, relu5_1].
 
-    The input is mapped to [0, 1] and ImageNet-normalized here, because torchvision's weights
-    were trained on such inputs (NVlabs SPADE feeds [-1, 1] unnormalized; we do not).
+    ``input_mode`` "raw" feeds the [-1, 1] image unchanged (NVlabs SPADE); "imagenet" maps it
+    to [0, 1] and ImageNet-normalises it (torchvision's convention for these weights).
     """
 
-    def __init__(self):
+    def __init__(self, input_mode: InputMode = "raw"):
         super().__init__()
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"VGG19 input mode {input_mode!r}: expected one of {', '.join(INPUT_MODES)}")
+        self.input_mode = input_mode
         self.features = _build_features()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -66,7 +78,8 @@ class VGG19Features(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = ((x + 1) / 2 - self.mean) / self.std
+        if self.input_mode == "imagenet":
+            x = ((x + 1) / 2 - self.mean) / self.std
         outputs = []
         for i, layer in enumerate(self.features):
             x = layer(x)
@@ -83,8 +96,9 @@ def _candidates(path: str) -> list[Path]:
     return [checkpoints / HUB_FILE, *others]
 
 
-def load_vgg19(path: str = "") -> VGG19Features:
-    """VGG19Features with weights from ``path``, or from the torch hub cache when empty."""
+def load_vgg19(path: str = "", input_mode: InputMode = "raw") -> VGG19Features:
+    """VGG19Features with weights from ``path``, or from the torch hub cache when empty;
+    ``input_mode`` is loss.vgg_input (see the module docstring)."""
     tried = _candidates(path)
     found = next((p for p in tried if p.is_file()), None)
     if found is None:
@@ -103,7 +117,7 @@ def load_vgg19(path: str = "") -> VGG19Features:
                               f"torchvision's {HUB_FILE} ({HUB_URL})") from None
     if not isinstance(state, dict):
         raise VGGWeightsError(f"{found}: expected a state dict, got {type(state).__name__}")
-    model = VGG19Features()
+    model = VGG19Features(input_mode)
     own = model.state_dict()
     for key, expected in own.items():
         if key not in state:

@@ -61,7 +61,7 @@ def build_vgg_loss(loss: LossConfig, device: torch.device) -> VGGLoss | None:
     if not loss.vgg or loss.lambda_vgg == 0:
         log.info("perceptual (VGG19) loss skipped: loss.vgg=%s, loss.lambda_vgg=%s", loss.vgg, loss.lambda_vgg)
         return None
-    return VGGLoss(load_vgg19(loss.vgg_weights)).to(device)
+    return VGGLoss(load_vgg19(loss.vgg_weights, loss.vgg_input)).to(device)
 
 
 Pred = list[list[torch.Tensor]]  # D's outputs: per scale, its features (the last: patch logits)
