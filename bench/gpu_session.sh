@@ -14,6 +14,7 @@
 #   6. compiled == eager on the GPU (tests/test_compile.py: gradients, buffers, EMA)
 #   7. 2 processes over NCCL (DDP, synchronized BatchNorm, bf16 gradient compression): only
 #      when the machine has two GPUs
+# COMPILE_CACHE=DIR keeps the compile cache between sessions (default: a fresh one, so check 2 is cold).
 # Results: $OUT/results.json (every check: command, exit code, seconds, its JSON) rewritten
 # after each check, so a cut-off session still returns what it measured; $OUT/session.log.
 # The device has no webdataset/braceexpand and no network: their wheels are installed from
@@ -113,7 +114,7 @@ log "environment: $(cat "$WORK/env.json")"
 GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 
 # -- sizes ----------------------------------------------------------------------------------
-CACHE="$WORK/compile-cache"  # one compile cache for the session: check 2 fills it, check 4 reads it
+CACHE="${COMPILE_CACHE:-$WORK/compile-cache}"  # one compile cache for the session: check 2 fills it, check 4 reads it
 BENCH=(bench/train_throughput.py --config sketchycoco-256 --workers 4 --compile-cache "$CACHE")
 PREC=(--precision bf16 --channels-last)
 STEPS=(--steps 10 --warmup 3)
