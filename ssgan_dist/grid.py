@@ -5,7 +5,7 @@ Made to be read at a glance: small tiles are upscaled by a whole factor (nearest
 so pixels stay pixels) to at least MIN_TILE px; tiles sit on a dark background with
 GUTTER px between them and around them, so a white sketch never merges with a white label
 map beside it; a header row names every column. The learned-mask column shows argmax over
-the classes of the generator's last learned mask m_i (the paper's Figure 3(c)), upsampled
+the classes of the generator's last learned mask M_i, the SFM output (the paper's Figure 3(c)), upsampled
 to the image size, so the masks stay inspectable.
 """
 

@@ -38,4 +38,4 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     """uint8 [H,W] or [H,W,3] as a PNG at ``path``, written atomically (mode 0644: pictures to look at)."""
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
-    return write_bytes(path, buf.getvalue(), permissions=0o644)
+    return write_bytes(path, buf.getvalue())

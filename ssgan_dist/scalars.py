@@ -78,7 +78,7 @@ def _prune_events(folder: Path, last_step: int) -> int:
         if len(kept) == len(records):
             continue
         dropped += len(records) - len(kept)
-        with atomic_write(path, permissions=0o644) as f:
+        with atomic_write(path) as f:
             writer = RecordWriter(f)
             for record in kept:
                 writer.write(record)
@@ -110,7 +110,7 @@ class ScalarWriter(Scalars):
         if self.path.exists():
             kept, dropped = _kept_lines(self.path, resume_step)
             if dropped:
-                write_text(self.path, "".join(f"{line}\n" for line in kept), permissions=0o644)
+                write_text(self.path, "".join(f"{line}\n" for line in kept))
                 log.info("scalars: dropped %d line(s) of %s after step %d (the run resumes there)", dropped,
                          self.path, resume_step)
         self._file = open(self.path, "a", encoding="utf-8")

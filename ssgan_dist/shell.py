@@ -343,4 +343,4 @@ def run_cli(fn: Callable[[], int]) -> int:
 def write_record(out: str, record: dict[str, Any]) -> None:
     """A command's results as JSON at ``out`` (nothing when empty), for scripts to read."""
     if out:
-        write_text(out, json.dumps(record, indent=1) + "\n", permissions=0o644)
+        write_text(out, json.dumps(record, indent=1) + "\n")

@@ -30,7 +30,7 @@ import torch
 
 from ssgan_dist.config import MetricsConfig
 from ssgan_dist.distributed.collectives import gather_to_all
-from ssgan_dist.distributed.env import DistEnv
+from ssgan_dist.distributed.env import DistEnv, launcher_restarts
 from ssgan_dist.errors import SetupError
 from ssgan_dist.files import write_json
 
@@ -109,11 +109,6 @@ def peak_flops(metrics: MetricsConfig, precision: str, device: torch.device) -> 
     return None
 
 
-def launcher_restarts() -> int:
-    """Restarts the launchers know of: torchrun's --max-restarts and SLURM requeues."""
-    return sum(int(os.environ.get(k, "0") or 0) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
-
-
 def targets_path(metrics: MetricsConfig, job: str) -> Path | None:
     """Where rank 0 writes the file_sd targets: metrics.file_sd, or <dir>/<job>.json for a directory."""
     value = metrics.file_sd
@@ -121,7 +116,10 @@ def targets_path(metrics: MetricsConfig, job: str) -> Path | None:
         return None
     path = Path(value)
     if value.endswith(os.sep) or path.is_dir():
-        return path / f"{job}.json"
+        target = path / f"{job}.json"
+        if target.resolve().parent != path.resolve():  # config.SAFE_NAME already keeps run.name plain
+            raise SetupError(f"run.name: {job!r} would put the file_sd targets outside metrics.file_sd={value}")
+        return target
     return path
 
 
@@ -129,8 +127,7 @@ def write_targets(path: Path, endpoints: list[Endpoint], job: str) -> None:
     """Atomically replace ``path`` with one file_sd target group per rank (Prometheus may read it any time)."""
     groups = [{"targets": [e.target], "labels": {"job": job, "rank": str(e.rank), "node": e.node}}
               for e in sorted(endpoints, key=lambda e: e.rank)]
-    # 0644: files.py's default 0600 would hide the file from a Prometheus running as its own user.
-    write_json(path, groups, permissions=0o644)
+    write_json(path, groups)
 
 
 class PhaseTimer:

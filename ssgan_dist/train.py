@@ -17,9 +17,11 @@ all steps since the last read at once: on a GPU the host runs ahead of the devic
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,16 +29,19 @@ from typing import Any
 import torch
 
 from ssgan_dist import checkpoint as ckpt
-from ssgan_dist.config import Config, ConfigError, load_config, require_training_data, save_config
+from ssgan_dist import resume
+from ssgan_dist.config import Config, ConfigError, load_config, require_training_data
 from ssgan_dist.data.loaders import ShardLoader, build_training_loader
 from ssgan_dist.data.skips import Skipped
-from ssgan_dist.distributed.collectives import gather_to_all
+from ssgan_dist.distributed.collectives import from_main, gather_to_all
 from ssgan_dist.distributed.env import DistEnv, setup, teardown
 from ssgan_dist.errors import SetupError
+from ssgan_dist.files import ensure_dir
 from ssgan_dist.images import save_png
 from ssgan_dist.precision import check_precision
 from ssgan_dist.scalars import Scalars, build_scalars
 from ssgan_dist.shell import Progress, command_parser, format_duration, print_config, run_cli, setup_logging
+from ssgan_dist.signals import StopOnSignal
 from ssgan_dist.tasks import TASKS
 from ssgan_dist.tasks.base import StepOutput, Task
 from ssgan_dist.telemetry import Telemetry, build_telemetry
@@ -111,14 +116,39 @@ class Trainer:
         self.telemetry.load_state_dict(state.get("telemetry", {}))
 
     def maybe_resume(self) -> None:
-        if not self.cfg.checkpoint.resume:
-            return
-        found = self.ckpt.load_latest(map_location="cpu")
-        if found is not None:
-            state, path = found
-            self.load_state_dict(state, path)
-            self.task.engine.load_sharded(path)
-            log.info("resumed from %s at step %d", path, self.step)
+        """Start the run: resume from run.dir's newest readable checkpoint (rank 0 picks it,
+        every rank loads it), else from checkpoint.init_from's weights, else fresh; then write
+        config.yaml and the history. Every refusal comes before anything is written (resume.py)."""
+        picked: list[tuple[dict[str, Any], Path] | None] = []  # rank 0 keeps the state it has read
+
+        def choose() -> str | None:
+            picked.append(resume.pick(self.ckpt, self.cfg.checkpoint.resume))
+            return str(picked[0][1]) if picked[0] else None
+
+        chosen = from_main(choose)
+        changes: list[resume.Change] = []
+        source: Path | None = None
+        if chosen is not None:
+            source = Path(chosen)
+            state = resume.read_on_every_rank(source, picked[0][0] if picked and picked[0] else None, self.env.rank)
+            ckpt.check_task(state["config"], self.task.name, source)
+            changes = resume.compare(state["config"], self.cfg, set(self.task.signature(self.cfg.to_dict())))
+            resume.check(changes, source)
+            self.load_state_dict(resume.adapt_state(state, self.task.state_dict(), changes), source)
+            self.task.engine.load_sharded(source)
+            log.info("resumed from %s at step %d", source, self.step)
+            resume.log_changes(changes)
+            if self.cfg.checkpoint.init_from:
+                log.info("checkpoint.init_from=%s ignored: %s holds checkpoints, resuming its own",
+                         self.cfg.checkpoint.init_from, self.run_dir)
+        elif self.cfg.checkpoint.init_from:
+            state, source = resume.read_init_from(Path(self.cfg.checkpoint.init_from))
+            self.check_compatible(state["config"], source)
+            resume.load_weights(self.task, state, source)
+        if self.env.is_main:
+            how = "resumed" if chosen else "init_from" if source else "new"
+            resume.record(self.run_dir, self.cfg, how=how, step=self.step, source=source, changes=changes,
+                          world_size=self.env.world_size)
 
     def save_checkpoint(self) -> Path:
         self.read_steps()  # the counters it writes
@@ -181,9 +211,6 @@ class Trainer:
         async_op=True on a CPU (gloo) group and act on the previous step's result, which every
         rank reads at the same step, so all ranks still stop together, one step later."""
         cfg = self.cfg
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
         self.maybe_resume()
         global_batch = cfg.train.batch_size * cfg.train.accum_steps * self.env.world_size
         self.scalars = build_scalars(self.run_dir, main=self.env.is_main, tensorboard=cfg.train.tensorboard,
@@ -252,41 +279,64 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser("ssgan_dist.train", "\n\n".join(__doc__.split("\n\n")[:2]), config=True)
     args = parser.parse_intermixed_args(argv)
+    stop = StopOnSignal()  # first: a Ctrl-C while the config loads already exits cleanly
 
     def command() -> int:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             return print_config(cfg, [parser.prog, *(sys.argv[1:] if argv is None else argv)])
-        return _train(cfg, None)
+        return _train(cfg, stop)
 
-    return run_cli(command)
-
-
-def run(cfg: Config, stop_requested: Callable[[], bool] | None = None) -> int:
-    """Train ``cfg`` as this process's rank (torchrun, SLURM or alone): 0 when done or
-    stopped on request, 2 on a setup error. Launchers that stop runs early (SLURM
-    preemption) pass ``stop_requested``, see Trainer.fit."""
-    return run_cli(lambda: _train(cfg, stop_requested))
+    code = run_cli(command)
+    stop.finish()  # the process ends now, whatever signal comes (see StopOnSignal.finish)
+    return code
 
 
-def _train(cfg: Config, stop_requested: Callable[[], bool] | None) -> int:
-    require_training_data(cfg)  # before the process group or any file: a paper preset without shards
-    env = setup()
+def run(cfg: Config, stop: StopOnSignal | None = None) -> int:
+    """Train ``cfg`` as this process's rank (torchrun, SLURM or alone): 0 when done, 2 on a
+    setup error, 128 + the signal when a signal stopped it (after its checkpoint). SIGINT and
+    SIGTERM stop it (signals.py); launchers that handle more (SLURM's requeue) pass their own."""
+    own = stop is None
+    stop = stop or StopOnSignal()
     try:
+        return run_cli(lambda: _train(cfg, stop))
+    finally:
+        if own:
+            stop.restore()
+
+
+def _train(cfg: Config, stop: StopOnSignal) -> int:
+    require_training_data(cfg)  # before the process group or any file: a paper preset without shards
+    env = setup(cfg.dist)
+    try:
+        from_main(lambda: ensure_dir(cfg.run.dir, "run.dir"))  # before its train.log; every rank fails alike
         setup_logging(env.rank, verbose=env.is_main, file=Path(cfg.run.dir) / "train.log" if env.is_main else None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         log.info("rank %d of %d on %s (%s, %s)", env.rank, env.world_size, env.node, env.device, env.backend)
-        trainer = Trainer(cfg, env)
-        trainer.fit(stop_requested)
-        if env.is_main:
-            last = ckpt.list_checkpoints(trainer.run_dir)
-            log.info("%s at step %d; checkpoint: %s; samples: %s",
-                     "done" if trainer.step >= cfg.train.max_steps else "stopped", trainer.step,
-                     last[-1] if last else "none", trainer.run_dir / "samples")
+        _fit(Trainer(cfg, env), stop)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the frames hold the Trainer: let it go before teardown
+        raise
     finally:
+        # The Trainer (its DDP reducers hold the process group) must be gone before the group
+        # is destroyed: a gloo group whose last reference a reducer drops is destroyed with the
+        # GIL held, and deadlocks if gloo's thread still has a tensor to release (pytorch#56297;
+        # seen once at the end of a 2-rank run). Dropped by the group's own binding, it is not.
+        gc.collect()
         teardown()
-    return 0
+    return stop.exit_code
+
+
+def _fit(trainer: Trainer, stop: StopOnSignal) -> None:
+    """Train, then say where things are; the trainer is dropped when this returns."""
+    stop.arm()
+    trainer.fit(stop)
+    if trainer.env.is_main:
+        last = ckpt.list_checkpoints(trainer.run_dir)
+        log.info("%s at step %d; checkpoint: %s; samples: %s",
+                 "done" if trainer.step >= trainer.cfg.train.max_steps else "stopped", trainer.step,
+                 last[-1] if last else "none", trainer.run_dir / "samples")
 
 
 if __name__ == "__main__":

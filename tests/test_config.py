@@ -82,7 +82,9 @@ def test_cli_rejects_bad_key_before_work(tmp_path):
 
 @pytest.mark.parametrize("override", ["model.image_size=0", "optim.beta1=1.5", "optim.lr_g=-1", "train.threads=-1",
                                       "loss.lambda_fm=nan", "segmenter.dilations=[0]", "dist.timeout_s=0",
-                                      "metrics.port=70000", "train.ema=1.0"])
+                                      "metrics.port=70000", "train.ema=1.0", "data.num_workers=-1",
+                                      "checkpoint.keep=0", "optim.eps=inf", "engine.bucket_mb=nan",
+                                      "model.num_classes=300", "train.accum_steps=0"])
 def test_out_of_range_values_are_refused_naming_the_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError) as err:
@@ -99,3 +101,14 @@ def test_every_key_has_a_doc_and_every_number_a_lower_bound():
         if any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or key.endswith("dilations"):
             assert f.metadata["low"] is not None or f.metadata["above"] is not None, key
         assert f"  {key} (" in describe_keys()
+
+
+def test_a_discriminator_too_deep_for_the_image_is_refused_before_training():
+    """model.d_scales=8 on 32 px images left one pixel for an instance norm: a traceback at
+    the first step. Now a ConfigError naming the keys when D is built (every scale/layer count
+    that runs is accepted: checked against the real forward over 1..8 scales, 1..10 layers)."""
+    from ssgan_dist.models import build_discriminator
+
+    with pytest.raises(ConfigError, match="model.d_scales=8: the last scale of a 32 px image is too small"):
+        build_discriminator(load_config("demo", ["model.image_size=32", "model.d_scales=8"]).model)
+    build_discriminator(load_config("demo", ["model.image_size=32", "model.d_scales=4", "model.ndf=2"]).model)

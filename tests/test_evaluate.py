@@ -356,19 +356,26 @@ def test_evaluate_refuses_a_missing_shard_naming_the_option(tmp_path, capsys, tr
 # Without Inception weights; the full pipeline sketch -> predicted M0 -> image
 
 
-def _reference_ssim(checkpoint: Path, shards: Path, n: int, segmenter: Path | None = None) -> float:
-    """Mean SSIM of the first n samples computed here from the parts: M0 from the shard, or from
-    the segmenter's prediction on the sketch."""
+def _reference_scores(checkpoint: Path, shards: Path, n: int, segmenter: Path | None = None
+                      ) -> tuple[float, float]:
+    """Mean SSIM and L1 of the first n samples computed here from the parts: M0 from the shard,
+    or from the segmenter's prediction on the sketch."""
     loaded = load_generator(checkpoint, torch.device("cpu"))
     m = loaded.cfg.model
     S = load_segmenter(segmenter, torch.device("cpu")).S if segmenter else None
-    scores = []
+    scores, l1 = [], []
     for batch in OrderedSamples(resolve_shards(str(shards)), num_classes=m.num_classes, image_size=m.image_size,
                                 max_samples=n).batches(4):
         label = run_segmenter(S, batch["sketch"]) if S is not None else batch["label"]
         fake, _ = run_generator(loaded.G, m, label, noise(m, 0, batch["index"]))
-        scores += ssim(to_uint8(fake) / 255.0, to_uint8(batch["image"]) / 255.0).tolist()
-    return float(np.mean(scores))
+        fake01, real01 = to_uint8(fake) / 255.0, to_uint8(batch["image"]) / 255.0
+        scores += ssim(fake01, real01).tolist()
+        l1 += [float((f - r).abs().mean()) for f, r in zip(fake01, real01)]
+    return float(np.mean(scores)), float(np.mean(l1))
+
+
+def _reference_ssim(checkpoint: Path, shards: Path, n: int, segmenter: Path | None = None) -> float:
+    return _reference_scores(checkpoint, shards, n, segmenter)[0]
 
 
 def test_ssim_without_inception_weights_skips_fid_with_a_clear_word(tmp_path, capsys, trained_checkpoint, shards32):
@@ -378,7 +385,9 @@ def test_ssim_without_inception_weights_skips_fid_with_a_clear_word(tmp_path, ca
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["fid"] is None and record["kid"] is None and record["metrics_skipped"] == FID_SKIPPED
     assert record["samples"] == 6 and record["labels"] == "shards" and record["segmenter"] is None
-    assert record["ssim"] == pytest.approx(_reference_ssim(trained_checkpoint, shards32, 6), abs=1e-12)
+    ref_ssim, ref_l1 = _reference_scores(trained_checkpoint, shards32, 6)
+    assert record["ssim"] == pytest.approx(ref_ssim, abs=1e-12)
+    assert record["l1"] == pytest.approx(ref_l1, abs=1e-12) and 0 < record["l1"] < 1
     assert FID_SKIPPED in out and "skipped" in out.splitlines()[3]  # our row: FID and KID skipped
     assert "FID and KID skipped" in err  # and logged
 

@@ -127,3 +127,52 @@ def test_cli_exit_code_and_no_traceback(tmp_path, trained_checkpoint, inputs):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert str(bad) in proc.stderr and "holds class 200" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _hostile_shard(directory: Path, key: str) -> Path:
+    """A shard whose one sample (a good one) is keyed ``key``, e.g. ../escape/evil."""
+    import io
+
+    from ssgan_dist.data.schema import encode_sample
+    from ssgan_dist.data.synthetic import make_scene
+
+    directory.mkdir(parents=True)
+    members = encode_sample("plain", *make_scene(7, 32)[:3], {"i": 7})  # then stored under `key`
+    with tarfile.open(directory / "evil-000000.tar", "w") as tar:
+        for name, data in members.items():
+            if name.startswith("__"):
+                continue
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return directory / "evil-000000.tar"
+
+
+@pytest.mark.parametrize("key", ["../escape/evil", "ABSOLUTE/evil"])
+def test_a_hostile_sample_key_never_writes_outside_out(tmp_path, capsys, trained_checkpoint, key):
+    """Issue 11: a tar member named ../x/evil.sketch.png made generate write (and create
+    directories) outside --out. Whichever layer stops it (the shard reader refusing the key,
+    or generate's own containment), the command fails with exit code 2 and writes nothing
+    outside --out."""
+    escape = tmp_path / "escape"
+    key = key.replace("ABSOLUTE", str(escape))
+    shard = _hostile_shard(tmp_path / "shards", key)
+    out = tmp_path / "work" / "out"
+    code, err = _generate(capsys, "--checkpoint", trained_checkpoint, "--shards", shard, "--out", out)
+    assert code == 2 and "Traceback" not in err, err
+    assert not escape.exists() and {p.name for p in tmp_path.iterdir()} <= {"shards", "work"}
+
+
+def test_generate_keeps_every_output_inside_out_on_its_own(tmp_path):
+    """The containment check itself, whatever the readers let through: '..', absolute keys
+    and a symlink out of --out are refused; plain and nested names inside are fine."""
+    from ssgan_dist.evaluation.generate import InputError, inside
+
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "link").symlink_to(tmp_path)
+    assert inside(out, out / "a.png", "a") == out / "a.png"
+    assert inside(out, out / "sub" / "b.png", "sub/b")
+    for key in ("../a", "sub/../../a", "/etc/passwd", "link/x"):
+        with pytest.raises(InputError, match="outside --out"):
+            inside(out, out / f"{key}.png", key)

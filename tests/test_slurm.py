@@ -27,12 +27,13 @@ from conftest import TINY, tiny_config
 from slurm_local import LocalSlurm
 from ssgan_dist import checkpoint as ckpt
 from ssgan_dist.cluster import submit as launcher
-from ssgan_dist.cluster.job import StopOnSignal, bind_metrics_to_node, export_rank_env, node_address
+from ssgan_dist.cluster.job import bind_metrics_to_node, export_rank_env, node_address
 from ssgan_dist.distributed.env import _launcher_ranks, setup
 from ssgan_dist.train import Trainer
 
 STEPS = 60  # long enough that a signal sent at step 20 lands mid-run, short enough for CI
 JOB_ARGS = [*TINY, "train.log_every=10", "train.threads=1"]
+TIME = ["--time", "5"]  # the local partitions have no limit, which the submitter will not guess
 
 
 def _install_slurm() -> None:
@@ -67,7 +68,7 @@ def _squeue() -> list[str]:
 def _launch(run_dir: Path, shards: Path, *args: str, tasks: int = 2) -> tuple[Any, launcher.Submission]:
     """Submit through the launcher's own functions, without waiting."""
     parsed = launcher.parse_args(["--config", "demo", "--tasks-per-node", str(tasks), "--run-dir", str(run_dir),
-                                  *args, *JOB_ARGS, f"data.shards={shards}"])
+                                  *TIME, *args, *JOB_ARGS, f"data.shards={shards}"])
     cfg = launcher.resolve_config(parsed)
     sub = launcher.plan(parsed, cfg)
     return launcher.submit(sub, cfg), sub
@@ -129,7 +130,7 @@ def test_two_task_cpu_job_trains_and_finishes(slurm, shards32, tmp_path, capsys)
     run_dir, targets = tmp_path / "run", tmp_path / "targets"
     seen: list[Any] = []
     reader = _read_when_written(targets / "ssgan.json", seen)
-    code = launcher.main(["--config", "demo", "--tasks-per-node", "2", "--run-dir", str(run_dir), "--wait",
+    code = launcher.main(["--config", "demo", "--tasks-per-node", "2", "--run-dir", str(run_dir), "--wait", *TIME,
                           *JOB_ARGS, f"data.shards={shards32}", "train.max_steps=4", "metrics.enabled=true",
                           "metrics.port=0", f"metrics.file_sd={targets}/", "metrics.linger_s=1"])
     out = capsys.readouterr().out
@@ -233,7 +234,7 @@ def test_task_of_a_multi_node_job_gets_torchrun_variables(monkeypatch):
     monkeypatch.delenv("MASTER_PORT", raising=False)
     export_rank_env(submitit.JobEnvironment())
     assert _launcher_ranks() == (9, 16, 1)
-    assert os.environ["MASTER_ADDR"] == "gpu07" and os.environ["MASTER_PORT"] == "21234"
+    assert os.environ["MASTER_ADDR"] == "gpu07" and os.environ["MASTER_PORT"] == "16234"
 
 
 def test_metrics_bind_to_the_node_not_loopback():
@@ -259,15 +260,68 @@ def test_plan_defaults(tmp_path):
     assert cpu_sub.folder == Path.cwd() / "relative/run/slurm"
 
 
-def test_signal_is_only_recorded_until_the_step_boundary():
-    previous = signal.getsignal(signal.SIGUSR1)
-    try:
-        stop = StopOnSignal(signal.SIGUSR1)
-        assert stop() is False
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.received and stop() is True and stop.stopped
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
+def test_rendezvous_port_is_outside_the_ephemeral_range_and_torchruns_defaults():
+    from ssgan_dist.distributed.env import SLURM_PORT_SPAN, slurm_master_port
+
+    ports = [slurm_master_port(str(job)) for job in range(10_000_000, 10_000_000 + SLURM_PORT_SPAN)]
+    assert len(set(ports)) == SLURM_PORT_SPAN  # consecutive jobs never share a port
+    assert 1024 < min(ports) and max(ports) < 29400  # below torchrun's 29400/29500 and Linux's 32768-60999
+    assert slurm_master_port("1234_7") == slurm_master_port("1234")
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--job-name", "run\n#SBATCH --uid=0"), ("--partition", "gpu\n"), ("--account", "acct; rm -rf ~"),
+    ("--qos", "high$(id)"), ("--constraint", "a100\nsrun evil"), ("--mem", "64G\n"), ("--run-dir", "/tmp/a b"),
+])
+def test_unsafe_values_never_reach_the_sbatch_script(tmp_path, capsys, option, value):
+    """Issue 11: a newline in --job-name & co. became a shell line of the sbatch script.
+    Every value is checked before anything is built or submitted: exit 2 naming the option."""
+    run_dir = value if option == "--run-dir" else str(tmp_path / "run")
+    args = ["--run-dir", run_dir, "--dry-run", *([option, value] if option != "--run-dir" else [])]
+    code = launcher.main(args)
+    captured = capsys.readouterr()
+    assert code == 2 and f"{option}: {value!r} cannot go into the sbatch script" in captured.err
+    assert "#SBATCH" not in captured.out
+
+
+def test_run_name_is_a_plain_name():
+    from ssgan_dist.config import ConfigError, load_config
+
+    for name in ("../../etc/x", "a/b", "a\nb", ".hidden", ""):
+        with pytest.raises(ConfigError, match="run.name"):
+            load_config("demo", [f"run.name={name!r}" if "\n" not in name else 'run.name="a\\nb"'])
+    from ssgan_dist.config import MetricsConfig
+    from ssgan_dist.errors import SetupError
+    from ssgan_dist.telemetry import targets_path
+
+    with pytest.raises(SetupError, match="outside metrics.file_sd"):  # the targets file's own check
+        targets_path(MetricsConfig(file_sd="/tmp/targets/"), "../x")
+
+
+@pytest.mark.skipif(not shutil.which("srun"), reason="submitit's dry run needs srun on PATH")
+def test_slurm_constraint_syntax_passes(tmp_path, capsys):
+    code = launcher.main(["--run-dir", str(tmp_path / "run"), "--dry-run", "--time", "60", "--partition", "gpu,cpu",
+                          "--constraint", "(a100|h100)&[rack1|rack2]*2", "--mem", "64G", "--job-name", "exp-1.2_b"])
+    script = capsys.readouterr().out
+    assert code == 0 and "#SBATCH --constraint='(a100|h100)&[rack1|rack2]*2'" in script
+    assert "#SBATCH --job-name=exp-1.2_b" in script and "#SBATCH --partition=gpu,cpu" in script
+
+
+def test_the_time_limit_defaults_to_the_partitions():
+    """submitit asks for 5 minutes when no --time is given; sinfo's limit is used instead."""
+    from ssgan_dist.cluster.submit import _minutes
+
+    assert [_minutes(v) for v in ("2-00:00:00", "12:00:00", "30:00", "UNLIMITED", "infinite")] == \
+        [2880, 720, 30, None, None]
+
+
+@pytest.mark.slow
+def test_no_time_on_a_partition_without_limit_is_refused(slurm, tmp_path, capsys):
+    """The local partitions have no time limit: nothing is guessed, nothing submitted."""
+    code = launcher.main(["--config", "demo", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--time: not given" in err and "give --time MINUTES" in err
+    assert _squeue() == []
 
 
 def test_stop_request_checkpoints_its_step_and_the_resumed_run_is_exact(tmp_path, shards32):

@@ -7,15 +7,14 @@ torchrun variables, so training goes through the same init path as under torchru
 
 Stopping. SLURM announces a time limit (``--signal``, ahead of the limit), a preemption
 and an ``scontrol requeue`` with SIGTERM; the submitter exports
-``SUBMITIT_PREEMPT_SIGNAL=TERM`` so that submitit's handler owns SIGTERM. A checkpoint
-cannot be written from inside a signal handler (the step may be half done and the other
-ranks inside a collective), so :class:`StopOnSignal` takes the handler over and only
-records the signal; the trainer asks it after every step, the ranks agree with one
-all-reduce, all of them write the checkpoint of that step and leave the loop. Then
-submitit's own handler runs, outside signal context: on rank 0 it calls
-:meth:`TrainingJob.checkpoint`, dumps the job again and runs ``scontrol requeue``. The
-next start resumes from the newest checkpoint in run.dir; data order and noise are pure
-functions of (seed, rank, step), so the run continues exactly.
+``SUBMITIT_PREEMPT_SIGNAL=TERM`` so that submitit's handler owns SIGTERM. The job stops
+through the same :class:`ssgan_dist.signals.StopOnSignal` as torchrun and bare runs: the
+handler only records the signal, the ranks agree after the step, all of them write the
+checkpoint of that step and leave the loop. Then submitit's own handler runs (``hand_over``),
+outside signal context: on rank 0 it calls :meth:`TrainingJob.checkpoint`, dumps the job
+again and runs ``scontrol requeue``. The next start resumes from the newest checkpoint in
+run.dir; data order and noise are pure functions of (seed, rank, step), so the run continues
+exactly. A SIGINT (``scancel --signal=INT``) stops the same way but ends the job (exit 130).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any, NoReturn
 
 import submitit
@@ -36,8 +34,8 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from ssgan_dist.checkpoint import list_checkpoints
 from ssgan_dist.config import config_from_dict
-from ssgan_dist.distributed.collectives import any_rank
 from ssgan_dist.distributed.env import slurm_master_port
+from ssgan_dist.signals import StopOnSignal
 from ssgan_dist.train import run
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ def export_rank_env(job: submitit.JobEnvironment) -> None:
         "WORLD_SIZE": str(job.num_tasks),
         "LOCAL_RANK": str(job.local_rank),
         "MASTER_ADDR": job.hostnames[0],
-        "MASTER_PORT": str(slurm_master_port(job.job_id)),
+        "MASTER_PORT": str(slurm_master_port(os.environ.get("SLURM_JOB_ID") or job.job_id)),
     })
 
 
@@ -100,37 +98,6 @@ class RequeueLimit(RuntimeError):
     """The job was stopped once more after --max-requeues requeues: it ends instead."""
 
 
-class StopOnSignal:
-    """Records submitit's preemption signal; says, at a step boundary, whether any rank got it."""
-
-    def __init__(self, signum: signal.Signals):
-        self.signum = signum
-        self.received = False
-        self.stopped = False
-        self._submitit_handler = signal.getsignal(signum)
-        signal.signal(signum, self._record)
-
-    def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.received = True
-
-    def __call__(self) -> bool:
-        """Called by the trainer after every step, on every rank: one all-reduce when distributed."""
-        self.stopped = any_rank(self.received)
-        return self.stopped
-
-    def hand_over(self) -> NoReturn:
-        """Run submitit's handler now that the checkpoint is written: rank 0 requeues and exits
-        (or, past the limit, raises, and the job ends failed); the other ranks exit 0 without
-        a result: with KillOnBadExit=1 a failed task would make srun kill rank 0 mid-requeue."""
-        try:
-            self._submitit_handler(self.signum, None)
-        except subprocess.CalledProcessError:
-            # `scontrol requeue` of a job SLURM is already requeueing (preemption with
-            # PreemptMode=REQUEUE, or a user's scontrol requeue): that is the outcome wanted.
-            log.info("SLURM is already requeueing this job")
-        sys.exit(0)
-
-
 class TrainingJob(Checkpointable):
     """One rank of a training run; submitit pickles it at submission and again at each requeue."""
 
@@ -140,16 +107,35 @@ class TrainingJob(Checkpointable):
 
     def __call__(self) -> int:
         job = submitit.JobEnvironment()
-        stop = StopOnSignal(signal.Signals["SIG" + job.USR_SIG])
-        export_rank_env(job)
-        config = {section: dict(values) for section, values in self.config.items()}
-        bind_metrics_to_node(config)
-        code = run(config_from_dict(config), stop_requested=stop)
-        if stop.stopped:
-            stop.hand_over()
+        requeue = signal.Signals["SIG" + job.USR_SIG]
+        stop = StopOnSignal(hand_over=(requeue,))
+        try:
+            export_rank_env(job)
+            config = {section: dict(values) for section, values in self.config.items()}
+            bind_metrics_to_node(config)
+            code = run(config_from_dict(config), stop)
+            if stop.hands_over:
+                self._hand_over(stop)
+        finally:
+            stop.restore()
+        if stop.stopped_by:
+            sys.exit(code)  # stopped for good (SIGINT): the checkpoint is written, no requeue
         if code != 0:
             raise RuntimeError(f"training failed with exit code {code}; see {config['run']['dir']}/train.log")
         return code
+
+    @staticmethod
+    def _hand_over(stop: StopOnSignal) -> NoReturn:
+        """submitit's handler now that the checkpoint is written: rank 0 requeues and exits
+        (or, past the limit, raises, and the job ends failed); the other ranks exit 0 without
+        a result: with KillOnBadExit=1 a failed task would make srun kill rank 0 mid-requeue."""
+        try:
+            stop.hand_over()
+        except subprocess.CalledProcessError:
+            # `scontrol requeue` of a job SLURM is already requeueing (preemption with
+            # PreemptMode=REQUEUE, or a user's scontrol requeue): that is the outcome wanted.
+            log.info("SLURM is already requeueing this job")
+        sys.exit(0)
 
     def checkpoint(self) -> DelayedSubmission:
         """submitit's hook on rank 0 after a stop: the training state is already on disk, so

@@ -12,6 +12,7 @@ checkpoints and requeues itself on time limit and preemption (see ``job.py``).
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ssgan_dist.config import Config, load_config, require_training_data
+from ssgan_dist.config import SAFE_NAME, Config, load_config, require_training_data
 from ssgan_dist.errors import SetupError
 from ssgan_dist.shell import command_parser, print_config, run_cli
 
@@ -37,6 +38,43 @@ class SubmitError(SetupError):
     """Something about the submission (not the config) that stops it; exit code 2."""
 
 
+# What may reach the sbatch script (#SBATCH lines, and the srun line for paths): nothing that
+# ends a line, starts a comment, quotes, expands or separates shell words. SLURM's own syntax
+# passes: partition lists (a,b), constraint expressions (a&b, [r1|r2], gpu*2, (a|b)&c).
+_PLAIN = r"A-Za-z0-9._\-"
+SAFE_VALUES = {
+    "--job-name": (SAFE_NAME, "1-128 letters, digits, '.', '_', '-', starting with a letter or digit (as run.name)"),
+    "--partition": (re.compile(rf"^[{_PLAIN}]+(,[{_PLAIN}]+)*$"), "names of letters, digits, '.', '_', '-', "
+                    "comma-separated"),
+    "--account": (re.compile(rf"^[{_PLAIN}]+$"), "letters, digits, '.', '_', '-'"),
+    "--qos": (re.compile(rf"^[{_PLAIN}]+(,[{_PLAIN}]+)*$"), "letters, digits, '.', '_', '-', comma-separated"),
+    "--constraint": (re.compile(rf"^[{_PLAIN},&|\[\]*()]+$"), "feature names and SLURM's & | [ ] * ( ) ,"),
+    "--mem": (re.compile(r"^[0-9]+[KMGTkmgt]?$"), "a number with an optional K, M, G or T suffix, e.g. 64G"),
+    "--run-dir": (re.compile(r"^[A-Za-z0-9._/+@=,:-]+$"), "a path of letters, digits and . _ / + @ = , : -"),
+}
+
+
+def check_safe(option: str, value: str) -> None:
+    """Refuse a value that could change the sbatch script's meaning, naming the option."""
+    pattern, allowed = SAFE_VALUES[option]
+    if not pattern.fullmatch(value):  # fullmatch: "$" would let a trailing newline through
+        raise SubmitError(f"{option}: {value!r} cannot go into the sbatch script; allowed: {allowed}")
+
+
+def check_submission(args: argparse.Namespace, cfg: Config) -> None:
+    """Every value the sbatch script will hold, before anything is submitted. run.dir (from
+    --run-dir or the config) names the log files and submitit's folder; the job name is
+    --job-name or run.name (config.validate already keeps run.name plain)."""
+    for option in ("--job-name", "--partition", "--account", "--qos", "--constraint", "--mem"):
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            check_safe(option, value)
+    try:
+        check_safe("--run-dir", cfg.run.dir)
+    except SubmitError as exc:
+        raise SubmitError(f"{exc} (run.dir, resolved)") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = command_parser("ssgan_dist.cluster.submit", __doc__, config=True)
     p.add_argument("--nodes", type=_positive, default=1, help="nodes of the job (sbatch --nodes)")
@@ -51,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--qos", default=None, help="quality of service; default: the partition's")
     p.add_argument("--constraint", default=None, help="node features, as sbatch --constraint takes them (e.g. h100)")
     p.add_argument("--time", type=_positive, default=None, metavar="MINUTES",
-                   help="time limit of one run (a requeue starts a new one); default: the partition's")
+                   help="time limit of one run (a requeue starts a new one); default: the partition's (sinfo)")
     p.add_argument("--job-name", default=None, help="default: run.name")
     p.add_argument("--run-dir", default=None, help="sets run.dir (made absolute); job logs go to RUN_DIR/slurm/")
     p.add_argument("--max-requeues", type=_non_negative, default=10,
@@ -210,10 +248,39 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: _submit(args, argv))
 
 
+def partition_time_limit(partition: str | None) -> int:
+    """The time limit of ``partition`` (SLURM's default partition when None) in minutes, from
+    sinfo: the job's --time when none is given (submitit would otherwise ask for 5 minutes)."""
+    cmd = ["sinfo", "-h", "-o", "%l", *(["-p", partition] if partition else [])]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SubmitError(f"--time: not given, and the partition's time limit cannot be read ({exc}); "
+                          "give --time MINUTES") from None
+    limits = [_minutes(v) for v in out.stdout.split()] if out.returncode == 0 else []
+    known = [m for m in limits if m is not None]
+    if not known:
+        raise SubmitError(f"--time: not given, and {' '.join(cmd)} gives no finite limit "
+                          f"({(out.stdout or out.stderr).strip() or 'no output'}); give --time MINUTES")
+    return min(known)
+
+
+def _minutes(limit: str) -> int | None:
+    """sinfo's %l ("[D-]HH:MM:SS", "MM:SS", "UNLIMITED", "infinite") in whole minutes, None if unbounded."""
+    match = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", limit)
+    if match is None:
+        return None
+    days, hours, minutes, _ = (int(g or 0) for g in match.groups())
+    return days * 1440 + hours * 60 + minutes
+
+
 def _submit(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     cfg = resolve_config(args)
     if args.print_config:
         return print_config(cfg, [parser().prog, *(sys.argv[1:] if argv is None else argv)])
+    check_submission(args, cfg)
+    if args.time is None and not args.dry_run:
+        args.time = partition_time_limit(args.partition)
     sub = plan(args, cfg)
     if args.dry_run:
         print(sbatch_script(sub), end="")

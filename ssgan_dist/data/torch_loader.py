@@ -52,6 +52,7 @@ from ssgan_dist.data.shards import iter_tar
 from ssgan_dist.data.skips import NoUsableSample, SkipLog, Skipped, Tally, hints
 from ssgan_dist.errors import SetupError
 from ssgan_dist.rng import seeded_numpy
+from ssgan_dist.signals import shield_worker
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -205,6 +206,13 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
         os._exit(1)
 
 
+def _init_worker(parent: int, worker_id: int) -> None:
+    """worker_init_fn: the worker dies with its parent, and outlives a stop signal sent to the
+    whole process group until the parent, having finished its step, stops it (signals.py)."""
+    _die_with_parent(parent, worker_id)
+    shield_worker(worker_id)
+
+
 class TorchShardLoader:
     """Iterates batches forever and tracks the position of what was consumed."""
 
@@ -239,7 +247,7 @@ class TorchShardLoader:
             num_workers=self.spec.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
-            worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
         )
         return iter(loader)
 

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from ssgan_dist.errors import SetupError
+
 T = TypeVar("T")
 
 
@@ -42,26 +44,48 @@ def gather_to_all(obj: T) -> list[T]:
 
 
 def from_main(fn: Callable[[], T]) -> T:
-    """``fn()`` run on rank 0 only, its value handed to every rank."""
+    """``fn()`` run on rank 0 only, its value handed to every rank.
+
+    A SetupError that ``fn`` raises on rank 0 is raised on every rank (with rank 0's message),
+    so that a decision only rank 0 makes (which checkpoint, may this run start) fails every
+    rank at once instead of leaving the others waiting in their next collective.
+    """
     if _ranks() == 1:
         return fn()
-    value = [fn() if dist.get_rank() == 0 else None]
+    value: list[Any] = [None]
+    error: SetupError | None = None
+    if dist.get_rank() == 0:
+        try:
+            value = [("ok", fn())]
+        except SetupError as exc:
+            error = exc
+            value = [("error", str(exc))]
     dist.broadcast_object_list(value, src=0)
-    return value[0]
+    kind, payload = value[0]
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise SetupError(payload)
+    return payload
+
+
+def max_over_ranks(value: float | torch.Tensor) -> float:
+    """The largest of every rank's ``value`` (one one-element all-reduce).
+
+    A tensor value stays on its device until the reduce is done: the host waits once, for
+    the answer, not also for the value.
+    """
+    t = value.detach().float().reshape(1) if isinstance(value, torch.Tensor) else None
+    if _ranks() > 1:
+        if t is None:
+            t = torch.tensor([float(value)], device=_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item()) if t is not None else float(value)
 
 
 def any_rank(flag: bool | torch.Tensor) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one one-element all-reduce).
-
-    A tensor flag stays on its device until the reduce is done: the host waits once, for
-    the answer, not also for the flag.
-    """
-    t = flag.detach().float().reshape(1) if isinstance(flag, torch.Tensor) else None
-    if _ranks() > 1:
-        if t is None:
-            t = torch.tensor([float(flag)], device=_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item()) if t is not None else bool(flag)
+    """True on every rank when ``flag`` is true on any rank (one one-element all-reduce)."""
+    return bool(max_over_ranks(flag))
 
 
 def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

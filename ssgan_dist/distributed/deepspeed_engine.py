@@ -23,7 +23,7 @@ from torch import nn
 
 from ssgan_dist.config import ConfigError, EngineConfig
 from ssgan_dist.distributed.env import DistEnv
-from ssgan_dist.distributed.optim import NetSpec, adam, prepare_module
+from ssgan_dist.distributed.optim import NetSpec, adam, apply_settings, prepare_module
 
 
 def deepspeed_config(engine: EngineConfig, precision: str, batch_size: int) -> dict[str, Any]:
@@ -63,6 +63,7 @@ class DeepSpeedEngine:
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         modules = {name: prepare_module(spec, env, channels_last) for name, spec in nets.items()}
         ds_cfg = deepspeed_config(engine, precision, batch_size)
+        self.specs = nets
         self.engines = {}
         for name, module in modules.items():
             self.engines[name], *_ = deepspeed.initialize(model=module, optimizer=adam(nets[name], module.parameters()),
@@ -120,3 +121,4 @@ class DeepSpeedEngine:
                                              load_lr_scheduler_states=False)
             if path is None:
                 raise ConfigError(f"{directory}: no DeepSpeed state for {name} (tag {name})")
+            apply_settings(engine.optimizer.param_groups, self.specs[name])

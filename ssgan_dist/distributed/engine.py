@@ -20,7 +20,8 @@ A task names its networks ({"G", "D"} for the GAN, {"S"} for the segmenter) and 
   (fused Adam's found_inf, as GradScaler drives it), so no host ever waits for the flag;
 * ``learning_rates()`` / ``set_learning_rates(lrs)``: the task's schedule sets them per step;
 * ``state_dict``/``load_state_dict`` for what rank 0 writes (keys ``<name>``,
-  ``opt_<name>``, ``scaler_<name>``, name lower-cased for the last two), and
+  ``opt_<name>``, ``scaler_<name>``, name lower-cased for the last two; loading keeps the
+  optimizer's moments and takes its lr, betas and eps from the run's config), and
   ``save_sharded``/``load_sharded`` for state every rank must write itself (ZeRO shards).
 """
 
@@ -41,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ssgan_dist.compile import CompiledForward, PowerIteration
 from ssgan_dist.config import ConfigError, EngineConfig
 from ssgan_dist.distributed.env import DistEnv
-from ssgan_dist.distributed.optim import NetSpec, adam, fused_adam, load_adam_state, prepare_module
+from ssgan_dist.distributed.optim import NetSpec, adam, apply_settings, fused_adam, load_adam_state, prepare_module
 
 COMPRESSION = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,6 +121,7 @@ class DDPEngine:
 
     def __init__(self, engine: EngineConfig, env: DistEnv, nets: dict[str, NetSpec], *, precision: str,
                  channels_last: bool, compile_mode: str | None = None):
+        self.specs = nets
         self.modules = {name: prepare_module(spec, env, channels_last) for name, spec in nets.items()}
         self.wrappers = {name: wrap_ddp(module, env, engine) for name, module in self.modules.items()}
         self.fused = fused_adam(env.device)
@@ -197,6 +199,7 @@ class DDPEngine:
             module.load_state_dict(state[name])
         for name, opt in self.opt.items():
             load_adam_state(opt, state[f"opt_{name.lower()}"], fused=self.fused)
+            apply_settings(opt.param_groups, self.specs[name])
         for name, scaler in self.scaler.items():
             scaler.load_state_dict(state[f"scaler_{name.lower()}"])
 

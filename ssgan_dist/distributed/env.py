@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ssgan_dist.config import DistConfig
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -46,12 +48,27 @@ def _slurm_master_addr() -> str:
     return head
 
 
-def slurm_master_port(job_id: str) -> int:
-    """The rendezvous port every task of a SLURM job derives alike from its id (20000..39999).
+# SLURM rendezvous ports: 15000..28999. Below Linux's ephemeral range (32768-60999, where the
+# kernel picks the source ports of outgoing connections, e.g. NCCL's and gloo's own, so a port
+# there may be taken by any process at any time), and below torchrun's defaults (29400 c10d
+# rendezvous, 29500 MASTER_PORT) so a torchrun on the same node cannot take it.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 15000, 14000
 
-    A requeued job keeps its id, hence its port: the previous run's processes are gone by then.
+
+def slurm_master_port(job_id: str) -> int:
+    """The rendezvous port every task of a SLURM job derives alike from its numeric job id.
+
+    Job ids are consecutive, so any 14000 consecutive jobs get distinct ports: two jobs
+    collide only if their ids differ by a multiple of 14000 and both have their first node
+    on the same host at the same time. A requeued job keeps its id, hence its port: the
+    previous run's processes are gone by then. An array task's own SLURM_JOB_ID is numeric.
     """
-    return 20000 + int(job_id.split("_")[0]) % 20000
+    return SLURM_PORT_BASE + int(job_id.split("_")[0]) % SLURM_PORT_SPAN
+
+
+def launcher_restarts() -> int:
+    """How many times a launcher restarted this job: torchrun's --max-restarts, SLURM requeues."""
+    return sum(int(os.environ.get(k, "0") or 0) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def _launcher_ranks() -> tuple[int, int, int]:
@@ -69,8 +86,11 @@ def _launcher_ranks() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def setup(timeout_s: float = 600.0) -> DistEnv:
-    """Detect the launcher, pick the device and initialise the process group once."""
+def setup(dist_cfg: DistConfig | None = None) -> DistEnv:
+    """Detect the launcher, pick the device and initialise the process group once, with
+    ``dist.timeout_s`` as the timeout of the rendezvous and of every collective (a rank
+    waiting longer for a dead or stuck peer fails instead of hanging)."""
+    timeout_s = (dist_cfg or DistConfig()).timeout_s
     rank, world, local_rank = _launcher_ranks()
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -46,6 +46,16 @@ def load_adam_state(opt: torch.optim.Adam, state: dict[str, Any], fused: bool) -
     opt.load_state_dict({**state, "param_groups": groups})
 
 
+def apply_settings(param_groups: list[dict], spec: NetSpec) -> None:
+    """The run's lr, betas and eps in every param group, after a checkpoint's optimizer state
+    was loaded: the checkpoint restores the optimizer's moments, the run's config its
+    settings (a change the resume let through, checkpoint.allow_changes, takes effect here)."""
+    for group in param_groups:
+        group.update(lr=spec.lr, betas=spec.betas, eps=spec.eps)
+        if "initial_lr" in group:  # a torch LR scheduler's base
+            group["initial_lr"] = spec.lr
+
+
 def prepare_module(spec: NetSpec, env: DistEnv, channels_last: bool) -> nn.Module:
     """The network on this rank's device and memory format, its BatchNorms synchronized and
     its recomputation switched on as the spec says."""

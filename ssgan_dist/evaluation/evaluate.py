@@ -98,14 +98,16 @@ def _features(parts: list[np.ndarray]) -> np.ndarray:
 def _local_pass(G: nn.Module, m: ModelConfig, env: DistEnv, spec: EvalSpec, reader: OrderedSamples,
                 inception: nn.Module | None, need_real: bool, segmenter: nn.Module | None) -> dict[str, Any]:
     """This rank's share: sample indices, generated (and real) features, per-image SSIM."""
-    out: dict[str, Any] = {"index": [], "fake": [], "real": [], "ssim": []}
+    out: dict[str, Any] = {"index": [], "fake": [], "real": [], "ssim": [], "l1": []}
     try:
         for batch in track(reader.batches(spec.batch_size), "evaluate", reader.expected(), unit="sample",
                            size=lambda b: len(b["index"]), enabled=env.is_main, leave=False):
             label = run_segmenter(segmenter, batch["sketch"]) if segmenter is not None else batch["label"]
             fake, _ = run_generator(G, m, label, noise(m, spec.seed, batch["index"]))
             real = batch["image"].to(env.device)
-            out["ssim"] += ssim(to_uint8(fake) / 255.0, to_uint8(real) / 255.0).tolist()
+            fake01, real01 = to_uint8(fake) / 255.0, to_uint8(real) / 255.0
+            out["ssim"] += ssim(fake01, real01).tolist()
+            out["l1"] += (fake01 - real01).abs().mean(dim=(1, 2, 3)).tolist()
             if inception is not None:
                 out["fake"].append(inception(fake).cpu().numpy())
             if need_real:
@@ -115,7 +117,7 @@ def _local_pass(G: nn.Module, m: ModelConfig, env: DistEnv, spec: EvalSpec, read
         raise EvalError(f"{spec.shards_option}: {bad} (this model takes {m.image_size}x{m.image_size} "
                         f"samples with class indices below {m.num_classes})") from None
     return {"index": out["index"], "fake": _features(out["fake"]), "real": _features(out["real"]),
-            "ssim": out["ssim"], "skipped": reader.skipped}
+            "ssim": out["ssim"], "l1": out["l1"], "skipped": reader.skipped}
 
 
 def _combine(parts: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -135,7 +137,7 @@ def few_samples_warning(n: int) -> str | None:
 
 def evaluate_generator(G: nn.Module, model: ModelConfig, env: DistEnv, spec: EvalSpec,
                        segmenter: nn.Module | None = None) -> dict[str, Any]:
-    """FID, KID and mean SSIM of G (of ``model``) on a shard set, M0 from the shards or predicted
+    """FID, KID, mean SSIM and mean L1 (RGB in [0, 1]) of G (of ``model``) on a shard set, M0 from the shards or predicted
     by ``segmenter`` from the sketches; call on every rank, every rank gets the result. G is
     switched to eval mode for the pass and back to its previous mode after it.
     """
@@ -175,7 +177,8 @@ def evaluate_generator(G: nn.Module, model: ModelConfig, env: DistEnv, spec: Eva
             first = f"; first skipped: {skipped[0]}" if skipped else ""
             raise EvalError(f"{spec.shards_option}: {n} usable samples, {'FID needs' if need == 2 else 'need'} "
                             f"at least {need}{first}")
-        result: dict[str, Any] = {"ssim": float(np.mean(scores)), "samples": int(n), "skipped": len(skipped),
+        result: dict[str, Any] = {"ssim": float(np.mean(scores)), "l1": float(np.mean(_combine(parts, "l1"))),
+                                  "samples": int(n), "skipped": len(skipped),
                                   "seed": spec.seed, "labels": "segmenter" if segmenter is not None else "shards",
                                   "fid": None, "kid": None, "kid_std": None, "warnings": []}
         if inception is None:

@@ -4,7 +4,7 @@
 (``--sketch S.png --label L.png --out out.png``), a bare sketch whose label map M0 a sketch
 segmenter predicts (``--sketch S.png --segmenter SEG.pt --out out.png``, M0 written
 as ``out.label.png``), or every sample of a shard set (``--shards SPEC --out DIR``, one
-``<key>.png`` each). Beside each image, ``<name>.mask.png`` shows the SFM's last learned mask
+``<key>.png`` each). Beside each image, ``<name>.mask.png`` shows the SFM's last output M_i
 (argmax over classes, coloured like the label maps), the paper's Figure 3(c).
 ``--num-styles K`` draws K noise vectors per input (``<name>-style<k>.png``);
 ``--grid G.png`` puts inputs x styles side by side: sketch | label | K outputs | real | mask.
@@ -146,6 +146,17 @@ def set_inputs(args: argparse.Namespace, loaded: LoadedGenerator) -> Iterator[di
 # -- outputs --------------------------------------------------------------------------------
 
 
+def inside(root: Path, path: Path, key: str) -> Path:
+    """``path`` if it lies inside the directory ``root`` (both resolved: '..', absolute keys and
+    symlinks out of it count as outside), else InputError: a sample key never picks where a
+    file goes (the shard readers refuse such keys too; this holds on its own)."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved == base or not resolved.is_relative_to(base):
+        raise InputError(f"--shards: sample key {key!r} would write {resolved}, outside --out {base}; "
+                         "nothing is written outside --out (sample keys must be plain names)")
+    return path
+
+
 def output_path(base: Path, style: int, num_styles: int) -> Path:
     return base if num_styles == 1 else base.with_name(f"{base.stem}-style{style}.png")
 
@@ -206,9 +217,12 @@ def generate(args: argparse.Namespace, loaded: LoadedGenerator) -> list[Path]:
             masks = mask_argmax(mask, cfg.model.image_size).cpu().numpy() if mask is not None else None
             for i, base in enumerate(bases(batch)):
                 path = output_path(base, style, k)
-                written.append(save_png(images[i], path))
+                paths = [path, mask_path(path)]
+                if args.shards:  # a sample key names the file (the user named --out itself)
+                    paths = [inside(out, p, batch["key"][i]) for p in paths]
+                written.append(save_png(images[i], paths[0]))
                 if masks is not None:
-                    save_png(colorize(masks[i]), mask_path(path))
+                    save_png(colorize(masks[i]), paths[1])
             fakes.append(fake)
             if style == 0:
                 first_mask = mask

@@ -167,7 +167,7 @@ def noise(model: ModelConfig, seed: int, indices: list[int], style: int = 0) -> 
 @torch.no_grad()
 def run_generator(G: nn.Module, model: ModelConfig, label: torch.Tensor, z: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Images in [-1, 1] for a [B,H,W] label batch, and the SFM's last learned mask m_i
+    """Images in [-1, 1] for a [B,H,W] label batch, and the SFM's last learned mask M_i (its output)
     ([B,C,h,w]; None without SFM)."""
     device = next(G.parameters()).device
     m0 = onehot(label.to(device), model.num_classes)

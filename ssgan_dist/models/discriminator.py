@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-from ssgan_dist.config import ModelConfig
+from ssgan_dist.config import ConfigError, ModelConfig
 from ssgan_dist.models.spade import init_weights
 
 KERNEL = 4
@@ -52,11 +52,29 @@ class NLayerDiscriminator(nn.Module):
         return features
 
 
+def smallest_normed_map(image_size: int, d_scales: int, d_layers: int) -> int:
+    """The side of the smallest map an instance norm sees (at the last scale): it needs more
+    than one pixel, so image_size bounds how many scales and layers D can have."""
+    side = image_size
+    for _ in range(d_scales - 1):
+        side = (side - 1) // 2 + 1  # avg_pool2d(3, stride 2, padding 1)
+    smallest = image_size
+    side = side // 2 + 1  # the first conv (stride 2), not normed
+    for n in range(1, d_layers):
+        side = side + 1 if n == d_layers - 1 else side // 2 + 1
+        smallest = min(smallest, side)
+    return smallest
+
+
 class MultiscaleDiscriminator(nn.Module):
     """``d_scales`` PatchGANs on concat(M0, image), each at half the previous resolution."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.d_layers > 1 and smallest_normed_map(cfg.image_size, cfg.d_scales, cfg.d_layers) < 2:
+            raise ConfigError(f"model.d_scales={cfg.d_scales}: the last scale of a {cfg.image_size} px image is too "
+                              f"small for {cfg.d_layers} layers (an instance norm would see one pixel); use fewer "
+                              "scales or layers")
         for i in range(cfg.d_scales):
             self.add_module(f"discriminator_{i}", NLayerDiscriminator(
                 cfg.num_classes + 3, cfg.ndf, cfg.d_layers, cfg.spectral_norm))

@@ -3,7 +3,7 @@
 With ``model.sfm=false`` this is exactly SPADE's ``SPADEGenerator`` (same blocks, names,
 parameters and upsampling schedule): the paper's "GauGAN - semantic sketch" baseline.
 With ``model.sfm=true`` block i+1 is conditioned on M_i = SFM_i(ToMask_i(x_i), M0) instead
-of M0 (see ``sfm.py`` for how we read the paper).
+of M0, made at block i+1's own resolution (see ``sfm.py`` for how we read the paper).
 """
 
 from __future__ import annotations
@@ -56,11 +56,25 @@ class SSGANGenerator(nn.Module):
 
         self.to_masks = nn.ModuleList()
         self.sfms = nn.ModuleList()
+        init_weights(self)  # SPADE's init, drawn before the SFM's: the same SPADE weights with the SFM on or off
+        # Block i's output resolution: M_i (made for block i+1) is made at sizes[i + 1].
+        self.sizes, r = [], s
+        for _, upsample in self.schedule:
+            r *= 2 if upsample else 1
+            self.sizes.append(r)
         if cfg.sfm:
             for name, _ in self.schedule[:-1]:
-                self.to_masks.append(ToMask(widths[name][1], c))
-                self.sfms.append(SFM(c, cfg.sfm_hidden, cfg.background_classes))
-        init_weights(self)
+                self.to_masks.append(ToMask(widths[name][1], c, cfg.sfm_tomask))
+                self.sfms.append(SFM(c, cfg.sfm_hidden, cfg.background_classes, cfg.sfm_form, cfg.sfm_resize))
+            if cfg.sfm_init == "xavier":  # SPADE's gain 0.02 for ToMask and the SFM too (measured worse)
+                init_weights(self.to_masks)
+                init_weights(self.sfms)
+            elif cfg.sfm_init == "kaiming":  # F1, F2 variance-preserving: M0's contrast survives the SFM
+                for sfm in self.sfms:
+                    sfm.kaiming_init()
+            elif cfg.sfm_init == "zero":  # SFM output 0 at step 0 (residual form: M_i = M0)
+                for sfm in self.sfms:
+                    sfm.zero_last_convs()
 
     def forward(self, m0: torch.Tensor, z: torch.Tensor | None = None, return_masks: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -82,9 +96,9 @@ class SSGANGenerator(nn.Module):
             else:
                 x = block(x, seg)
             if i < len(self.sfms):
-                m = self.to_masks[i](x)
-                seg = self.sfms[i](m, m0)
-                masks.append(m)
+                size = (self.sizes[i + 1], self.sizes[i + 1])  # block i+1's own resolution
+                seg = self.sfms[i](self.to_masks[i](x, size), m0)
+                masks.append(seg)  # M_i, the SFM's learned mask (paper Fig. 3(c))
 
         image = torch.tanh(self.conv_img(F.leaky_relu(x, 0.2)))
         return (image, masks) if return_masks else image

@@ -1,4 +1,5 @@
-"""Train K steps on fixed global batches, each rank taking its slice; rank 0 saves G and D.
+"""Train K steps on fixed global batches, each rank taking its slice; rank 0 saves G and D,
+and their gradients of the last step (``G_grad``, ``D_grad``: DDP's averages over ranks).
 
     torchrun --nproc_per_node N tests/dist_scripts/fixed_batches.py OUT GLOBAL_BATCH STEPS key=value...
 
@@ -32,6 +33,15 @@ def main() -> None:
         resolve_shards(cfg.data.shards), seed=0, rank=0, world_size=1, num_workers=0, batch_size=global_batch,
         num_classes=cfg.model.num_classes, image_size=cfg.model.image_size, on_error="raise", flip=False,
     )
+    applied: dict[str, dict[str, torch.Tensor]] = {}  # the gradients of each network's last step
+    step = trainer.task.engine.step
+
+    def capture(name: str, skip: torch.Tensor) -> None:
+        module = trainer.task.engine.module(name)
+        applied[name] = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        step(name, skip)
+
+    trainer.task.engine.step = capture  # the engine drops gradients after its step
     losses = []
     for _ in range(steps):
         batch = next(source)
@@ -39,7 +49,8 @@ def main() -> None:
         losses.append(trainer.train_step(mine).losses)
         trainer.step += 1
     if env.is_main:
-        torch.save({"G": trainer.task.G.state_dict(), "D": trainer.task.D.state_dict(), "losses": losses}, out)
+        torch.save({"G": trainer.task.G.state_dict(), "D": trainer.task.D.state_dict(), "losses": losses,
+                    "G_grad": applied["G"], "D_grad": applied["D"]}, out)
     if env.distributed:
         torch.distributed.barrier()  # leave together (a lone rank in teardown was seen to hang)
     teardown()
