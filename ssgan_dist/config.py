@@ -531,6 +531,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"model.background_classes: {c} is outside 1..{m.num_classes - 1} (model.num_classes)"
             )
+    if cfg.engine.name == "deepspeed":
+        # DeepSpeed counts micro-steps inside its own step(), which a step skipped for a
+        # non-finite loss would put out of phase; and it wraps the forward in its engine.
+        for key, on in (("train.accum_steps", cfg.train.accum_steps > 1), ("train.compile", cfg.train.compile)):
+            if on:
+                raise ConfigError(f"{key}={getattr(cfg.train, key.split('.')[1])}: not available with "
+                                  "engine.name=deepspeed; use engine.name=ddp")
     e = cfg.eval
     if e.every and not (e.shards and e.inception_weights):
         raise ConfigError(f"eval.every={e.every} needs eval.shards (held-out shards) and eval.inception_weights "

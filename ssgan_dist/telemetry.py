@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +140,9 @@ class PhaseTimer:
 
     On CUDA the marks are events recorded on the stream, because kernels run after the CPU
     has moved on: host timers would charge every phase to whichever call synchronizes. The
-    events are read at the end of the step, after train_step has already synchronized (it
-    reads the losses as floats), so reading them costs no extra wait.
+    step does not synchronize, so a step's events are read once the device has passed them,
+    at the end of a later step (``stop`` returns the steps whose timings are known by then):
+    timing never makes the host wait for the device.
     """
 
     _OPT_BEGIN, _OPT_END = "<optimizer", "optimizer>"
@@ -152,14 +154,14 @@ class PhaseTimer:
         self._events: list[torch.cuda.Event] = []
         self._stamps: list[float] = []
         self._labels: list[str] = []
+        self._pending: deque[tuple[list[str], list[torch.cuda.Event]]] = deque()  # CUDA steps not yet read
         self._running = False
         self._t0 = 0.0
         self._hooks = [register_optimizer_step_pre_hook(lambda *_: self._mark(self._OPT_BEGIN)),
                        register_optimizer_step_post_hook(lambda *_: self._mark(self._OPT_END))]
 
     def start(self) -> None:
-        self._labels.clear()
-        self._stamps.clear()
+        self._labels, self._stamps, self._events = [], [], []  # the pending steps keep theirs
         self._running = True
         self._t0 = time.perf_counter()
         self._mark("")
@@ -167,25 +169,35 @@ class PhaseTimer:
     def lap(self, phase: str) -> None:
         self._mark(phase)
 
-    def stop(self) -> tuple[dict[str, float], float]:
-        """({phase: seconds}, wall seconds since start); time after the last lap is left out."""
+    def stop(self, wait: bool = False) -> list[tuple[dict[str, float], float]]:
+        """[({phase: seconds}, step seconds)] of the steps whose timings are known now: on CPU
+        this one (its wall time since start); on CUDA those whose last event the device has
+        passed (the device's time from start to the last lap), oldest first, or with ``wait``
+        all of them (a benchmark's last step). Time after the last lap is left out of the phases."""
         self._running = False
-        wall = time.perf_counter() - self._t0
-        n = len(self._labels)
-        if self._cuda:
-            self._events[n - 1].synchronize()
-            times = [0.0] + [self._events[0].elapsed_time(self._events[i]) / 1e3 for i in range(1, n)]
-        else:
-            times = self._stamps
+        if not self._cuda:
+            return [(self._split(self._labels, self._stamps), time.perf_counter() - self._t0)]
+        self._pending.append((self._labels, self._events))
+        if wait:
+            self._events[-1].synchronize()
+        done = []
+        while self._pending and self._pending[0][1][-1].query():
+            labels, events = self._pending.popleft()
+            times = [0.0] + [events[0].elapsed_time(e) / 1e3 for e in events[1:]]
+            done.append((self._split(labels, times), times[-1]))
+        return done
+
+    def _split(self, labels: list[str], times: list[float]) -> dict[str, float]:
+        n = len(labels)
         out: dict[str, float] = {}
         owner: str | None = None  # the phase a segment belongs to: the next lap after it
         for i in range(n - 1, 0, -1):
-            if self._labels[i] not in (self._OPT_BEGIN, self._OPT_END):
-                owner = self._labels[i]
-            name = "optimizer" if self._labels[i - 1] == self._OPT_BEGIN else owner
+            if labels[i] not in (self._OPT_BEGIN, self._OPT_END):
+                owner = labels[i]
+            name = "optimizer" if labels[i - 1] == self._OPT_BEGIN else owner
             if name is not None:
                 out[name] = out.get(name, 0.0) + times[i] - times[i - 1]
-        return out, wall
+        return out
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -194,14 +206,13 @@ class PhaseTimer:
     def _mark(self, label: str) -> None:
         if not self._running:
             return
-        i = len(self._labels)
         self._labels.append(label)
         if not self._cuda:
             self._stamps.append(time.perf_counter())
             return
-        if i == len(self._events):
-            self._events.append(torch.cuda.Event(enable_timing=True))
-        self._events[i].record()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self._events.append(event)
 
 
 class Telemetry:
@@ -221,9 +232,10 @@ class Telemetry:
         """End the current phase of the step: data_wait or one of the task's step phases (see PhaseTimer)."""
 
     def end_step(self, images: int, losses: Mapping[str, float], lrs: Mapping[str, float],
-                 skipped: bool = False) -> None:
-        """Record a finished step: this rank's images, loss terms, learning rates, and whether
-        the trainer skipped its update for a non-finite loss."""
+                 skipped: int = 0) -> None:
+        """Record a finished step: this rank's images, loss terms (the trainer reads them only
+        when it logs: empty otherwise), learning rates, and how many steps the trainer found
+        skipped for a non-finite loss since it last read them."""
 
     def samples_skipped(self, count: int) -> None:
         """Bad data samples the loader skipped."""
@@ -378,10 +390,12 @@ class PrometheusTelemetry(Telemetry):
         self._timer.lap(phase)
 
     def end_step(self, images: int, losses: Mapping[str, float], lrs: Mapping[str, float],
-                 skipped: bool = False) -> None:
-        phases, wall = self._timer.stop()
-        for name, seconds in phases.items():
-            self._phases[name].observe(seconds)
+                 skipped: int = 0) -> None:
+        for phases, wall in self._timer.stop():
+            for name, seconds in phases.items():
+                self._phases[name].observe(seconds)
+            if self._mfu is not None and wall > 0:
+                self._mfu.set(self._flops * images / wall / self._peak)
         self._images.inc(images)
         self._steps.inc()
         self._last_step.set(time.time())
@@ -391,11 +405,9 @@ class PrometheusTelemetry(Telemetry):
                 gauge = self._losses[term] = self._loss.labels(**self._base, term=term)
             gauge.set(value)
         if skipped:
-            self._nonfinite.inc()
+            self._nonfinite.inc(int(skipped))
         for net, value in lrs.items():
             self._lrs[net].set(value)
-        if self._mfu is not None and wall > 0:
-            self._mfu.set(self._flops * images / wall / self._peak)
         if self._cuda:
             self._mem_alloc.set(torch.cuda.memory_allocated(self.env.device))
             self._mem_peak.set(torch.cuda.max_memory_allocated(self.env.device))

@@ -8,6 +8,11 @@ The Trainer owns what every task shares, each part built by one function: teleme
 task (its networks in their engine, see tasks/), the data loader and the checkpoint
 manager. ``fit`` reads top to bottom: wait for the batch, the task's step, then logging,
 samples, checkpoints and the task's evaluation. ``run.task`` picks the task.
+
+A step's batch holds train.accum_steps micro-batches (the task splits it), so the data
+position and the loader are those of one batch per optimizer step. The loop reads what a
+step leaves on the device (losses, the skipped flag) only when it logs or checkpoints,
+all steps since the last read at once: on a GPU the host runs ahead of the device between.
 """
 
 from __future__ import annotations
@@ -62,13 +67,15 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.task: Task = kind(cfg, env)
         self.data: ShardLoader = build_training_loader(
-            cfg.data, env, seed=cfg.run.seed, batch_size=cfg.train.batch_size, image_size=cfg.model.image_size,
+            cfg.data, env, seed=cfg.run.seed, batch_size=cfg.train.batch_size * cfg.train.accum_steps,
+            image_size=cfg.model.image_size,
             num_classes=cfg.model.num_classes, background_classes=cfg.model.background_classes)
         self.ckpt = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint.keep)
         self.step = 0
         self.skipped_samples = 0
         self.nonfinite_steps = 0
         self.last_eval: dict[str, Any] | None = None
+        self._unread: list[tuple[int, StepOutput]] = []  # (step number, output) not yet read on the host
         self.scalars: Scalars = Scalars()  # rank 0's JSONL/TensorBoard writer once fit() has resumed
 
     # -- state -----------------------------------------------------------------------
@@ -144,6 +151,7 @@ class Trainer:
                           world_size=self.env.world_size)
 
     def save_checkpoint(self) -> Path:
+        self.read_steps()  # the counters it writes
         engine = self.task.engine
         path = self.ckpt.save(self.step, self.state_dict(), self.env,
                               save_shards=engine.save_sharded if engine.sharded else None)
@@ -154,6 +162,21 @@ class Trainer:
     # -- one step --------------------------------------------------------------------
     def train_step(self, batch: dict[str, Any]) -> StepOutput:
         return self.task.train_step(batch, self.step, self.telemetry.lap)
+
+    def read_steps(self) -> tuple[dict[str, float], int]:
+        """Read the unread steps' outputs with one device synchronisation: warn of and count
+        the skipped ones; (the last step's losses, how many were skipped)."""
+        if not self._unread:
+            return {}, 0
+        flags = torch.stack([out.skipped.float() for _, out in self._unread]).tolist()
+        losses, _ = self._unread[-1][1].read()
+        skipped = [step for (step, _), flag in zip(self._unread, flags) if flag]
+        for step in skipped:
+            log.warning("step %d skipped on every rank: non-finite loss%s", step,
+                        f" {losses}" if step == self._unread[-1][0] else "")
+        self.nonfinite_steps += len(skipped)
+        self._unread.clear()
+        return losses, len(skipped)
 
     def save_samples(self, batch: dict[str, Any], out: StepOutput) -> Path:
         grid = self.task.sample_grid(batch, out)
@@ -183,10 +206,13 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------
     def fit(self, stop_requested: Callable[[], bool] | None = None) -> dict[str, float]:
         """Train to train.max_steps, or until ``stop_requested`` (asked after every step, on
-        every rank alike, so it may hold a collective) says to stop: then checkpoint and return."""
+        every rank alike, so it may hold a collective) says to stop: then checkpoint and return.
+        Such a collective should not block the step (issue 15): all-reduce the flag with
+        async_op=True on a CPU (gloo) group and act on the previous step's result, which every
+        rank reads at the same step, so all ranks still stop together, one step later."""
         cfg = self.cfg
         self.maybe_resume()
-        global_batch = cfg.train.batch_size * self.env.world_size
+        global_batch = cfg.train.batch_size * cfg.train.accum_steps * self.env.world_size
         self.scalars = build_scalars(self.run_dir, main=self.env.is_main, tensorboard=cfg.train.tensorboard,
                                      resume_step=self.step)
         # On a terminal a bar; off one, the log_every lines below are the periodic lines.
@@ -202,19 +228,21 @@ class Trainer:
             self.telemetry.lap("data_wait")
             self._count_skipped(batch.pop("skipped"))
             out = self.train_step(batch)
-            self.telemetry.end_step(len(batch["image"]), out.losses, self.task.engine.learning_rates(), out.skipped)
             self.step += 1
             progress.update(1)
             self.telemetry.at_step(self.step, cfg.train.max_steps)
             n_window += 1
-            losses = out.losses
+            self._unread.append((self.step, out))
             scalars: dict[str, float] = {}
             if t_first is None:
                 t_first, first_step = time.perf_counter(), self.step
-            if out.skipped:
-                self.nonfinite_steps += 1
-                log.warning("step %d skipped on every rank: non-finite loss %s", self.step, losses)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            log_now = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
+            checkpoint_now = self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps
+            # Read before a checkpoint too, so that telemetry counts what the checkpoint counts.
+            read, skipped = self.read_steps() if log_now or checkpoint_now else ({}, 0)
+            losses = read or losses
+            self.telemetry.end_step(len(batch["image"]), read, self.task.engine.learning_rates(), skipped)
+            if log_now:
                 now = time.perf_counter()
                 ips = n_window * global_batch / max(now - t_window, 1e-9)
                 done = self.step - first_step
@@ -225,13 +253,14 @@ class Trainer:
                 t_window, n_window = time.perf_counter(), 0
             if self.env.is_main and (self.step % cfg.train.sample_every == 0 or self.step == cfg.train.max_steps):
                 self.save_samples(batch, out)
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps:
+            if checkpoint_now:
                 self.save_checkpoint()
             if (result := self.task.evaluate(self.step)) is not None:
                 scalars |= self.evaluated(result)
             if scalars:
                 self.scalars.log(self.step, scalars)
             if self.step < cfg.train.max_steps and stop_requested is not None and stop_requested():
+                self.read_steps()
                 if self.step % cfg.checkpoint.every:
                     self.save_checkpoint()
                 log.info("stop requested: leaving at step %d, the next start resumes there", self.step)

@@ -64,6 +64,20 @@ def grads_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             for n, p in module.named_parameters()}
 
 
+def capture_applied_grads(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """From now on, {network: the gradients its last optimizer step applied} (grads_of, taken
+    inside ``engine.step``: the engine drops the gradients after the step)."""
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+    original = engine.step
+
+    def step(name: str, skip: torch.Tensor) -> None:
+        captured[name] = grads_of(engine.module(name))
+        original(name, skip)
+
+    engine.step = step
+    return captured
+
+
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """||a - b|| / ||a|| over every tensor of ``a`` (floating point ones) taken as one vector."""
     names = [n for n, t in a.items() if t.is_floating_point()]

@@ -284,7 +284,7 @@ def test_phase_timer_splits_optimizer_steps_off_their_phase():
         opt.step()
         timer.lap("d_step")
         time.sleep(0.01)  # after the last lap: not a phase
-        phases, wall = timer.stop()
+        [(phases, wall)] = timer.stop()
     finally:
         timer.close()
     assert set(phases) == {"data_wait", "g_step", "d_step", "optimizer"}

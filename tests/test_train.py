@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EQUIVALENT, grads_of, relative_difference, tiny_config
+from conftest import EQUIVALENT, capture_applied_grads, relative_difference, tiny_config
 from ssgan_dist import checkpoint as ckpt
 from ssgan_dist.data.batch import step_tensors
 from ssgan_dist.data.writer import build_synthetic_shards
@@ -155,9 +155,10 @@ def test_embedded_default_trains_and_writes_outputs(tmp_path):
 def _one_step(trainer: Trainer, batch: dict) -> dict[str, dict[str, torch.Tensor]]:
     """One training step on ``batch``: G's and D's gradients and buffers (BatchNorm statistics,
     spectral-norm vectors) after it."""
+    applied = capture_applied_grads(trainer.task.engine)
     trainer.train_step({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in batch.items()})
     g, d = trainer.task.G, trainer.task.D
-    return {"G": grads_of(g), "D": grads_of(d),
+    return {"G": applied["G"], "D": applied["D"],
             "buffers": {f"{n}.{k}": v.clone() for n, m in (("G", g), ("D", d)) for k, v in m.state_dict().items()
                         if not k.endswith("num_batches_tracked") and k not in dict(m.named_parameters())}}
 

@@ -69,23 +69,17 @@ def from_main(fn: Callable[[], T]) -> T:
     return payload
 
 
-def max_over_ranks(value: float | torch.Tensor) -> float:
-    """The largest of every rank's ``value`` (one one-element all-reduce).
-
-    A tensor value stays on its device until the reduce is done: the host waits once, for
-    the answer, not also for the value.
-    """
-    t = value.detach().float().reshape(1) if isinstance(value, torch.Tensor) else None
+def max_over_ranks(value: torch.Tensor | float) -> torch.Tensor | float:
+    """The element-wise maximum of ``value`` over ranks, e.g. flags. A tensor is reduced in
+    place and returned, nothing read on the host (on a GPU no host waits for it: NCCL orders
+    it on the streams); a number comes back as a float, the host waiting for the answer."""
+    if not isinstance(value, torch.Tensor):
+        if _ranks() == 1:
+            return float(value)
+        return float(max_over_ranks(torch.tensor([float(value)], device=_device())).item())
     if _ranks() > 1:
-        if t is None:
-            t = torch.tensor([float(value)], device=_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item()) if t is not None else float(value)
-
-
-def any_rank(flag: bool | torch.Tensor) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one one-element all-reduce)."""
-    return bool(max_over_ranks(flag))
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,15 @@ scaling), built from the same settings (``engine.zero_stage``, ``train.precision
 The optimizer is a client ``torch.optim.Adam`` with the run's betas, so DeepSpeed does not
 JIT-compile FusedAdam and the update rule equals the DDP engine's. ZeRO shards optimizer
 state over ranks, so every rank writes its part of a checkpoint (``save_sharded``).
+``engine.grad_compression`` and ``engine.bucket_mb`` become DeepSpeed's communication data
+type and reduce bucket. DeepSpeed's step is driven from the host, so a skipped step (a
+non-finite loss) is read on the host here; config.py refuses train.accum_steps > 1 and
+train.compile with this engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,17 +26,22 @@ from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.distributed.optim import NetSpec, adam, apply_settings, prepare_module
 
 
-def deepspeed_config(zero_stage: int, precision: str, batch_size: int) -> dict[str, Any]:
-    return {
+def deepspeed_config(engine: EngineConfig, precision: str, batch_size: int) -> dict[str, Any]:
+    bucket = int(engine.bucket_mb * 2**20 / 4)  # DeepSpeed counts bucket sizes in elements
+    config = {
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": engine.zero_stage, "reduce_bucket_size": bucket,
+                              "allgather_bucket_size": bucket},
         "zero_allow_untested_optimizer": True,  # the client Adam, see the module docstring
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0},  # 0: dynamic
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if engine.grad_compression != "none":
+        config["communication_data_type"] = engine.grad_compression
+    return config
 
 
 class DeepSpeedEngine:
@@ -52,7 +62,7 @@ class DeepSpeedEngine:
             raise ConfigError(f"engine.zero_stage: {engine.zero_stage}; the GAN engines support 0, 1 or 2")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         modules = {name: prepare_module(spec, env, channels_last) for name, spec in nets.items()}
-        ds_cfg = deepspeed_config(engine.zero_stage, precision, batch_size)
+        ds_cfg = deepspeed_config(engine, precision, batch_size)
         self.specs = nets
         self.engines = {}
         for name, module in modules.items():
@@ -65,10 +75,19 @@ class DeepSpeedEngine:
     def wrapped(self, name: str) -> nn.Module:
         return self.engines[name]
 
-    def backward_step(self, name: str, loss: torch.Tensor, skip: bool) -> None:
+    def local(self, name: str) -> nn.Module:
+        return self.engines[name].module
+
+    def micro_batch(self, name: str, last: bool) -> contextlib.AbstractContextManager:
+        """One micro-batch per step here (config.py refuses train.accum_steps > 1)."""
+        return contextlib.nullcontext()
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        self.engines[name].backward(loss)  # always: every rank joins the gradient reduction
+
+    def step(self, name: str, skip: torch.Tensor) -> None:
         engine = self.engines[name]
-        engine.backward(loss)  # always: every rank joins the gradient reduction
-        if skip:
+        if bool(skip):  # a host read: DeepSpeed decides its step on the host
             engine.zero_grad()
             return
         engine.step()

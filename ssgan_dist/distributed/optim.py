@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,8 +27,23 @@ class NetSpec:
     grad_checkpoint: bool = False  # recompute activations in backward (the module must support it)
 
 
-def adam(spec: NetSpec, params: Iterable[torch.Tensor]) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+def fused_adam(device: torch.device) -> bool:
+    """Whether torch has a fused Adam for ``device``: one kernel for every parameter, and the
+    found_inf flag that lets a step be skipped on the device without a host read."""
+    return device.type in ("cuda", "cpu")
+
+
+def adam(spec: NetSpec, params: Iterable[torch.Tensor], fused: bool = False) -> torch.optim.Adam:
+    """Adam with the spec's settings: fused, or torch's default (foreach on CUDA)."""
+    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, fused=fused or None)
+
+
+def load_adam_state(opt: torch.optim.Adam, state: dict[str, Any], fused: bool) -> None:
+    """Load a saved Adam state into ``opt`` keeping ``opt``'s implementation: a saved param
+    group carries its own ``fused``/``foreach`` flags (a checkpoint of another device or an
+    older version), which load_state_dict would otherwise adopt."""
+    groups = [{**group, "fused": fused or None, "foreach": None} for group in state["param_groups"]]
+    opt.load_state_dict({**state, "param_groups": groups})
 
 
 def apply_settings(param_groups: list[dict], spec: NetSpec) -> None:

@@ -62,8 +62,16 @@ def _replace_batchnorms(module: nn.Module) -> nn.Module:
 
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Synchronize every BatchNorm2d of ``module`` across the ranks of the default group."""
+    """Synchronize every BatchNorm2d of ``module`` across all ranks (collective: every rank
+    converts its networks in the same order).
+
+    On CUDA the norms get a process group of their own, i.e. their own NCCL communicator and
+    stream: on the default group their small collectives in the backward pass would queue
+    behind DDP's gradient buckets (megabytes each) and stall the backward until the link
+    drains (bench/scaling.py). On CPU the default group: gloo's blocking gradient hook already
+    orders every collective (distributed/engine.py).
+    """
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group=dist.new_group())
     return _replace_batchnorms(module)
 

@@ -52,5 +52,12 @@ def _contexts(block: nn.Module) -> tuple[contextlib.AbstractContextManager, cont
 
 
 def recomputed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-    """``block(*args)`` with its activations recomputed in the backward pass."""
+    """``block(*args)`` with its activations recomputed in the backward pass.
+
+    Traced by torch.compile, the buffers need no care (and dynamo takes no context_fn): the
+    compiled graph writes them back once, after the forward, and its recomputation reads the
+    values the forward started from. A block dynamo cannot trace runs eagerly, with the care.
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(block, *args, use_reentrant=False)
     return checkpoint(block, *args, use_reentrant=False, context_fn=lambda: _contexts(block))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ssgan_dist.config import Config
-from ssgan_dist.distributed.collectives import any_rank
+from ssgan_dist.distributed.collectives import max_over_ranks
 from ssgan_dist.distributed.engine import Engine
 from ssgan_dist.distributed.env import DistEnv
 from ssgan_dist.telemetry import MetricSeries
@@ -23,11 +23,17 @@ from ssgan_dist.telemetry import MetricSeries
 
 @dataclass
 class StepOutput:
-    """What the loop reads of a step, and what the task's sample grid draws."""
+    """What the loop reads of a step, and what the task's sample grid draws. Device tensors,
+    so that a step never waits for the device: the loop reads them when it logs."""
 
-    losses: dict[str, float]  # loss term -> value on this rank
-    skipped: bool  # the update was skipped on every rank for a non-finite loss
+    losses: dict[str, torch.Tensor]  # loss term -> its 0-dim value on this rank
+    skipped: torch.Tensor  # 0-dim, non-zero: an update was skipped on every rank for a non-finite loss
     visuals: dict[str, torch.Tensor]  # the task's own, for sample_grid
+
+    def read(self) -> tuple[dict[str, float], bool]:
+        """(losses as floats, skipped) with one device synchronisation."""
+        values = torch.stack([self.skipped.float(), *(v.detach().float() for v in self.losses.values())]).tolist()
+        return dict(zip(self.losses, values[1:])), bool(values[0])
 
 
 class Task(Protocol):
@@ -72,6 +78,12 @@ class Task(Protocol):
         ...
 
 
-def nonfinite_anywhere(loss: torch.Tensor) -> bool:
-    """True on every rank when the loss is not finite on any rank (one tiny all-reduce)."""
-    return any_rank(~torch.isfinite(loss.detach().float()))
+def nonfinite(loss: torch.Tensor) -> torch.Tensor:
+    """1.0 where ``loss`` is not finite, else 0.0 (a 0-dim float on its device)."""
+    return (~torch.isfinite(loss.detach())).any().float()
+
+
+def nonfinite_anywhere(*flags: torch.Tensor) -> torch.Tensor:
+    """``flags`` (see nonfinite) of this rank -> the same flags of all ranks (1.0 where any rank
+    had one), stacked: one small all-reduce for all of them, read by no host."""
+    return max_over_ranks(torch.stack([f.float() for f in flags]))

@@ -6,6 +6,20 @@ then the D step on fakes that ``train.d_fakes`` chooses: the G step's, detached 
 forward less per step), or a new forward of the updated G, as NVlabs SPADE's D step does.
 z is a pure function of (seed, step), so a resumed run draws the same noise and N ranks x B
 draw the same z as 1 rank x N*B; the regenerated fakes use the same z.
+
+Gradient accumulation (``train.accum_steps`` = k): the step's batch (k micro-batches, see
+train.py) goes through G and D one micro-batch at a time, each micro-batch's loss weighted by
+its share of the batch, gradients all-reduced only with the last (engine.micro_batch); then
+one optimizer step per network. Exactly one batch k times larger, except where the batch
+is a statistic: the SPADE BatchNorms normalise with each micro-batch's statistics (and
+update their running statistics k times), and every training forward runs one more spectral
+norm power iteration. D's instance norms are per sample: unaffected.
+
+No host waits for the device in a step. With reuse (the default) D's update does not depend
+on G's, so both networks' backward passes run first and one all-reduce of their two
+non-finite flags decides both updates, on the device (engine.step, WeightAverage.update);
+with regenerate D's forward needs G's update first, so each network has its own flag
+all-reduce (still read by no host). Losses stay on the device until the loop logs them.
 """
 
 from __future__ import annotations
@@ -26,13 +40,14 @@ from ssgan_dist.distributed.optim import NetSpec, linear_decay
 from ssgan_dist.ema import WeightAverage
 from ssgan_dist.evaluation.evaluate import EvalSpec, evaluate_generator
 from ssgan_dist.grid import make_grid
+from ssgan_dist.compile import compile_mode, compile_module
 from ssgan_dist.labels import onehot
 from ssgan_dist.losses import VGGLoss, d_hinge_loss, feature_matching_loss, g_hinge_loss
 from ssgan_dist.models import build_discriminator, build_generator, load_vgg19
 from ssgan_dist.precision import autocast, memory_format
 from ssgan_dist.rng import seeded_generator
 from ssgan_dist.summary import count_flops
-from ssgan_dist.tasks.base import StepOutput, nonfinite_anywhere
+from ssgan_dist.tasks.base import StepOutput, nonfinite, nonfinite_anywhere
 from ssgan_dist.telemetry import MetricSeries
 
 log = logging.getLogger(__name__)
@@ -72,9 +87,12 @@ class GANTask:
                          grad_checkpoint=t.grad_checkpoint),
             "D": NetSpec(build_discriminator(cfg.model), o.lr_d, (o.beta1, o.beta2), o.eps),
         }
+        mode = compile_mode(t, cfg.data.cache_dir)
         self.engine: Engine = build_engine(cfg.engine, env, nets, precision=t.precision,
-                                           channels_last=t.channels_last, batch_size=t.batch_size)
+                                           channels_last=t.channels_last, batch_size=t.batch_size, compile_mode=mode)
         self.vgg_loss = build_vgg_loss(cfg.loss, env.device)
+        # The loss as the step calls it: compiled under train.compile (vgg_loss stays the module).
+        self.perceptual = compile_module(self.vgg_loss, mode) if self.vgg_loss is not None and mode else self.vgg_loss
         # After the engine: the average copies G as trained (device, synchronized norms).
         self.ema = WeightAverage(self.G, t.ema) if t.ema > 0 else None
 
@@ -96,11 +114,13 @@ class GANTask:
         """Forward counts from summary.count_flops, backward = 2x forward.
 
         G step: G forward + backward (3 G) and D on fake and real, forward + backward (3 x 2 D);
-        D step: D on fake and real again (3 x 2 D). The frozen VGG19 of the perceptual loss is
-        not the model and is left out, as MFU conventions leave out such fixed feature nets.
+        D step: D on fake and real again (3 x 2 D), after one more G forward with
+        train.d_fakes=regenerate. The frozen VGG19 of the perceptual loss is not the model and
+        is left out, as MFU conventions leave out such fixed feature nets.
         """
         counts = count_flops(cfg.model)
-        return 3.0 * counts["generator"]["flops"] + 12.0 * counts["discriminator"]["flops"]
+        g = 4.0 if cfg.train.d_fakes == "regenerate" else 3.0
+        return g * counts["generator"]["flops"] + 12.0 * counts["discriminator"]["flops"]
 
     @staticmethod
     def signature(config: dict[str, Any]) -> dict[str, Any]:
@@ -117,52 +137,95 @@ class GANTask:
 
     def train_step(self, batch: dict[str, Any], step: int, lap: Callable[[str], None]) -> StepOutput:
         cfg, dev, engine = self.cfg, self.env.device, self.engine
-        fmt = memory_format(cfg.train.channels_last)
-        x = step_tensors(batch, dev, ("label", "image"))  # the loader's uint8 batch as floats, on the device
-        real = x["image"].contiguous(memory_format=fmt)
-        m0 = onehot(x["label"], cfg.model.num_classes).contiguous(memory_format=fmt)
-        z = self.step_noise(step, real.shape[0])
-        n = real.shape[0]
         o = cfg.optim
         if o.decay_steps:
             factor = linear_decay(step, cfg.train.max_steps, o.decay_steps)
             engine.set_learning_rates({"G": o.lr_g * factor, "D": o.lr_d * factor})
+        fmt = memory_format(cfg.train.channels_last)
+        x = step_tensors(batch, dev, ("label", "image"))  # the loader's uint8 batch as floats, on the device
+        images, labels = x["image"].contiguous(memory_format=fmt), x["label"]
+        z = self.step_noise(step, images.shape[0])
+        k = cfg.train.accum_steps
+        micro = list(zip(images.chunk(k), labels.chunk(k), z.chunk(k) if z is not None else [None] * k))
+        total = images.shape[0]
+        losses = {t: torch.zeros((), device=dev) for t in SERIES.terms}
+        bad_g, bad_d = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        fakes, masks = [], []
 
-        # G step: D frozen (its bare module, see engine.py); real and fake through D in one batch.
-        self.D.requires_grad_(False)
-        with autocast(cfg.train.precision, dev):
-            fake, masks = engine.wrapped("G")(m0, z, return_masks=True)
-            pred_fake, pred_real = split_real_fake(self.D(torch.cat([m0, m0]), torch.cat([fake, real])), n)
-            g_gan = g_hinge_loss(pred_fake)
-            g_fm = feature_matching_loss(pred_fake, pred_real) * cfg.loss.lambda_fm
-            g_vgg = self.vgg_loss(fake, real) * cfg.loss.lambda_vgg if self.vgg_loss else torch.zeros((), device=dev)
-            g_total = g_gan + g_fm + g_vgg
-        skip_g = nonfinite_anywhere(g_total)
-        engine.backward_step("G", g_total, skip_g)
-        if self.ema is not None and not skip_g:
-            self.ema.update(self.G)
-        lap("g_step")  # its optimizer step is timed apart, see telemetry.PhaseTimer
-        self.D.requires_grad_(True)
+        def g_pass(i: int, real: torch.Tensor, m0: torch.Tensor, zi: torch.Tensor | None) -> torch.Tensor:
+            """G's forward and backward on one micro-batch, D frozen; returns the fakes."""
+            nonlocal bad_g
+            n = real.shape[0]
+            self.D.requires_grad_(False)
+            with engine.micro_batch("G", last=i == k - 1), autocast(cfg.train.precision, dev):
+                fake, mask = engine.wrapped("G")(m0, zi, return_masks=True)
+                pred = engine.local("D")(torch.cat([m0, m0]), torch.cat([fake, real]))
+                pred_fake, pred_real = split_real_fake(pred, n)
+                g_gan = g_hinge_loss(pred_fake)
+                g_fm = feature_matching_loss(pred_fake, pred_real) * cfg.loss.lambda_fm
+                g_vgg = (self.perceptual(fake, real) * cfg.loss.lambda_vgg if self.perceptual is not None
+                         else torch.zeros((), device=dev))
+                g_total = g_gan + g_fm + g_vgg
+                engine.backward("G", g_total * (n / total))
+            self.D.requires_grad_(True)
+            for term, value in (("g_gan", g_gan), ("g_fm", g_fm), ("g_vgg", g_vgg), ("g_total", g_total)):
+                losses[term] += value.detach().float() * (n / total)
+            bad_g = torch.maximum(bad_g, nonfinite(g_total))
+            fakes.append(fake.detach())
+            if mask:
+                masks.append(mask[-1].detach())
+            lap("g_step")  # its optimizer step is timed apart, see telemetry.PhaseTimer
+            return fake
 
-        # D step on this step's fakes, detached from G: the G step's, or the updated G's.
-        with autocast(cfg.train.precision, dev):
-            if cfg.train.d_fakes == "regenerate":
-                with torch.no_grad():  # G in train mode: batch statistics, as SPADE's generate_fake
-                    fake_d = self.G(m0, z)
-            else:
-                fake_d = fake.detach()
-            pred_fake, pred_real = split_real_fake(
-                engine.wrapped("D")(torch.cat([m0, m0]), torch.cat([fake_d, real])), n)
-            d_loss = d_hinge_loss(pred_real, pred_fake)
-        skip_d = nonfinite_anywhere(d_loss)
-        engine.backward_step("D", d_loss, skip_d)
+        def d_pass(i: int, real: torch.Tensor, m0: torch.Tensor, fake: torch.Tensor) -> None:
+            """D's forward and backward on one micro-batch's real images and (detached) fakes."""
+            nonlocal bad_d
+            n = real.shape[0]
+            with engine.micro_batch("D", last=i == k - 1), autocast(cfg.train.precision, dev):
+                pred = engine.wrapped("D")(torch.cat([m0, m0]), torch.cat([fake, real]))
+                pred_fake, pred_real = split_real_fake(pred, n)
+                d_loss = d_hinge_loss(pred_real, pred_fake)
+                engine.backward("D", d_loss * (n / total))
+            losses["d_hinge"] += d_loss.detach().float() * (n / total)
+            bad_d = torch.maximum(bad_d, nonfinite(d_loss))
+            lap("d_step")
+
+        def m0_of(label: torch.Tensor) -> torch.Tensor:
+            return onehot(label, cfg.model.num_classes).contiguous(memory_format=fmt)
+
+        if cfg.train.d_fakes == "reuse":  # D's update does not depend on G's: one flag all-reduce
+            for i, (real, label, zi) in enumerate(micro):
+                m0 = m0_of(label)
+                fake = g_pass(i, real, m0, zi)
+                d_pass(i, real, m0, fake.detach())
+            skip_g, skip_d = nonfinite_anywhere(bad_g, bad_d)
+            self._update_g(skip_g)
+            engine.step("D", skip_d)
+        else:  # regenerate: D sees the updated G's fakes, so G steps first
+            for i, (real, label, zi) in enumerate(micro):
+                g_pass(i, real, m0_of(label), zi)
+            (skip_g,) = nonfinite_anywhere(bad_g)
+            self._update_g(skip_g)
+            lap("g_step")
+            for i, (real, label, zi) in enumerate(micro):
+                m0 = m0_of(label)
+                with torch.no_grad(), autocast(cfg.train.precision, dev):  # G in train mode: batch statistics
+                    fake_d = engine.local("G")(m0, zi)
+                d_pass(i, real, m0, fake_d)
+            (skip_d,) = nonfinite_anywhere(bad_d)
+            engine.step("D", skip_d)
         lap("d_step")
 
-        losses = {"g_gan": g_gan, "g_fm": g_fm, "g_vgg": g_vgg, "g_total": g_total, "d_hinge": d_loss}
-        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()  # one device sync
-        visuals = {"fake": fake.detach(), "m0": m0, **({"z": z} if z is not None else {}),
-                   **({"mask": masks[-1]} if masks else {})}
-        return StepOutput(dict(zip(losses, values)), skip_g or skip_d, visuals)
+        visuals = {"fake": torch.cat(fakes) if k > 1 else fakes[0], "label": labels,
+                   **({"z": z} if z is not None else {}),
+                   **({"mask": torch.cat(masks) if k > 1 else masks[0]} if masks else {})}
+        return StepOutput(losses, torch.maximum(skip_g, skip_d), visuals)
+
+    def _update_g(self, skip: torch.Tensor) -> None:
+        """G's optimizer step and the EMA's, both skipped on the device where ``skip``."""
+        self.engine.step("G", skip)
+        if self.ema is not None:
+            self.ema.update(self.G, skip)
 
     def sample_grid(self, batch: dict[str, Any], out: StepOutput) -> np.ndarray:
         """Rows of sketch | label | generated | real | argmax of the SFM's last learned mask; with
@@ -171,7 +234,8 @@ class GANTask:
         fake, mask = visuals["fake"], visuals.get("mask")
         if self.ema is not None:
             with torch.no_grad():
-                fake, masks = self.ema.module(visuals["m0"], visuals.get("z"), return_masks=True)
+                m0 = onehot(visuals["label"], self.cfg.model.num_classes)
+                fake, masks = self.ema.module(m0, visuals.get("z"), return_masks=True)
             mask = masks[-1] if masks else None
         return make_grid(x["sketch"], x["label"], [fake], x["image"], mask)
 

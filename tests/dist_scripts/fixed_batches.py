@@ -33,6 +33,15 @@ def main() -> None:
         resolve_shards(cfg.data.shards), seed=0, rank=0, world_size=1, num_workers=0, batch_size=global_batch,
         num_classes=cfg.model.num_classes, image_size=cfg.model.image_size, on_error="raise", flip=False,
     )
+    applied: dict[str, dict[str, torch.Tensor]] = {}  # the gradients of each network's last step
+    step = trainer.task.engine.step
+
+    def capture(name: str, skip: torch.Tensor) -> None:
+        module = trainer.task.engine.module(name)
+        applied[name] = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        step(name, skip)
+
+    trainer.task.engine.step = capture  # the engine drops gradients after its step
     losses = []
     for _ in range(steps):
         batch = next(source)
@@ -40,10 +49,8 @@ def main() -> None:
         losses.append(trainer.train_step(mine).losses)
         trainer.step += 1
     if env.is_main:
-        grads = {net: {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-                 for net, module in (("G", trainer.task.G), ("D", trainer.task.D))}
         torch.save({"G": trainer.task.G.state_dict(), "D": trainer.task.D.state_dict(), "losses": losses,
-                    "G_grad": grads["G"], "D_grad": grads["D"]}, out)
+                    "G_grad": applied["G"], "D_grad": applied["D"]}, out)
     if env.distributed:
         torch.distributed.barrier()  # leave together (a lone rank in teardown was seen to hang)
     teardown()
