@@ -38,7 +38,9 @@ def generator_flops(m) -> int:
         if fin != fout:
             total += norm(fin, r) + conv_flops(1, fin, fout, r)
         if m.sfm and i < len(blocks) - 1:
-            f_net = lambda cin, r=r: conv_flops(3, cin, hs, r) + conv_flops(3, hs, c, r)  # noqa: E731
+            # ToMask reads x_i at block i's size; the SFM works at block i+1's (models/sfm.py)
+            up = blocks[i + 1][2]
+            f_net = lambda cin, r=up: conv_flops(3, cin, hs, r) + conv_flops(3, hs, c, r)  # noqa: E731
             total += conv_flops(3, fout, c, r) + 2 * f_net(2 * c) + f_net(c)
     return total + conv_flops(3, nf, 3, m.image_size)
 
