@@ -117,11 +117,7 @@ def train_command(args: argparse.Namespace, variant: Variant, seed: int) -> list
 def finished(args: argparse.Namespace, variant: Variant, seed: int) -> bool:
     from ssgan_dist import checkpoint as ckpt
 
-    return any(step_of(p) >= args.steps for p in ckpt.list_checkpoints(run_dir(args, variant, seed)))
-
-
-def step_of(path: Path) -> int:
-    return int(path.stem.split("-")[-1])
+    return any(ckpt.step_of(p) >= args.steps for p in ckpt.list_checkpoints(run_dir(args, variant, seed)))
 
 
 def train_all(args: argparse.Namespace) -> None:
@@ -205,7 +201,7 @@ def score_all(args: argparse.Namespace) -> dict[str, dict[int, dict[int, dict[st
     for variant in args.variant:
         for seed in args.seeds:
             for path in ckpt.list_checkpoints(run_dir(args, variant, seed)):
-                step = step_of(path)
+                step = ckpt.step_of(path)
                 if step > args.steps or step % args.every and step != args.steps:
                     continue
                 cache = scores_dir / f"{variant.name}-s{seed}-step{step:06d}.json"
